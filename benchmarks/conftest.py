@@ -1,0 +1,87 @@
+"""Benchmark helpers: device-synchronised timing, bandwidth / FLOP rates, and same-run ratios.
+
+Every benchmark times one implementation under a ``group`` (the problem) with ``timer``; at the end
+of the session a table lists each group's implementations with their median time, rates and speed
+relative to the fastllm implementation of that group. ``--results-json PATH`` also writes it out.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+
+import pytest
+import torch
+
+_RESULTS: dict[str, dict[str, dict]] = defaultdict(dict)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--results-json", default=None, help="write the ratio table as JSON to this path")
+
+
+def sync(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Timer:
+    def __init__(self, benchmark):
+        self.benchmark = benchmark
+
+    def __call__(self, fn, *, group: str, name: str, device, bytes_moved: float | None = None,
+                 flops: float | None = None, rounds: int = 10, warmup: int = 3) -> float:
+        """Times ``fn`` (synchronised after every call), returns and records the median in seconds."""
+        for _ in range(warmup):
+            fn()
+        sync(device)
+
+        def timed():
+            fn()
+            sync(device)
+
+        self.benchmark.group = group
+        self.benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=0)
+        median = statistics.median(self.benchmark.stats.stats.data)
+        row = {"median_ms": median * 1e3, "device": str(torch.device(device))}
+        if bytes_moved is not None:
+            row["GB_per_s"] = bytes_moved / median / 1e9
+        if flops is not None:
+            row["TFLOP_per_s"] = flops / median / 1e12
+        self.benchmark.extra_info.update(row)
+        _RESULTS[group][name] = row
+        return median
+
+
+@pytest.fixture
+def timer(benchmark):
+    return Timer(benchmark)
+
+
+def _table() -> list[dict]:
+    rows = []
+    for group, impls in _RESULTS.items():
+        ours = [v["median_ms"] for k, v in impls.items() if k.startswith("fastllm")]
+        for name, row in impls.items():
+            speedup = (row["median_ms"] / min(ours)) if ours else None
+            rows.append({"group": group, "impl": name, **row, "fastllm_speedup_over_this": speedup})
+    return rows
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    rows = _table()
+    if not rows:
+        return
+    tr = terminalreporter
+    tr.section("fastllm benchmark ratios (same run)")
+    tr.write_line(f"{'group':<44} {'impl':<28} {'median ms':>10} {'GB/s':>8} {'TFLOP/s':>8} {'fastllm x':>9}")
+    for r in rows:
+        gbs = f"{r['GB_per_s']:.1f}" if "GB_per_s" in r else "-"
+        tfs = f"{r['TFLOP_per_s']:.1f}" if "TFLOP_per_s" in r else "-"
+        sp = f"{r['fastllm_speedup_over_this']:.2f}" if r["fastllm_speedup_over_this"] else "-"
+        tr.write_line(f"{r['group']:<44} {r['impl']:<28} {r['median_ms']:>10.3f} {gbs:>8} {tfs:>8} {sp:>9}")
+    path = config.getoption("--results-json")
+    if path:
+        with open(path, "w") as f:
+            json.dump(rows, f, indent=1)

@@ -1,0 +1,15 @@
+// Shared by the per-op binding files (csrc/<op>/<op>_bind.cpp), each defining bind_<op>(module).
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace fastllm {
+
+using Pointers = std::vector<uintptr_t>;
+
+void bind_ademamix(pybind11::module_& m);
+
+}  // namespace fastllm

@@ -1,0 +1,2 @@
+"""fastllm: kernel-first performance library for LLM pretraining research."""
+__version__ = "0.1.0"
