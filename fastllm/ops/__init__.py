@@ -14,6 +14,7 @@ import torch
 from fastllm.ops import _backend
 from fastllm.ops._backend import build_info, current_backend, use_backend
 from fastllm.ops.ademamix import ademamix_step_
+from fastllm.ops.xielu import xielu
 
 
 def _triton_installed() -> bool:
@@ -35,8 +36,10 @@ def available() -> dict:
                 "cpu": "reference" if reference or not _backend.has_cpu_kernels() else "cpp",
                 "cuda": cuda_kernel,
             },
+            "xielu": {"cpu": "reference" if reference else "torch-fp32",
+                      "cuda": "reference" if reference else ("triton" if _triton_installed() else "torch-fp32")},
         },
     }
 
 
-__all__ = ["ademamix_step_", "available", "build_info", "current_backend", "use_backend"]
+__all__ = ["ademamix_step_", "available", "build_info", "current_backend", "use_backend", "xielu"]
