@@ -176,9 +176,10 @@ class PackedLoader:
         shard_index = int(np.searchsorted(source.window_ends, window, side="right"))
         shard = source.shards[shard_index]
         start = (window - (int(source.window_ends[shard_index - 1]) if shard_index else 0)) * T
-        # Goldfish hashes each label's h tokens of context, which may begin before the window.
-        context = self.goldfish_h - 1 if self.goldfish_k is not None else 0
-        begin = max(0, start + 1 - context)
+        # Goldfish hashes the h tokens ending at each label; for the first label (window position 1) they
+        # begin h - 2 tokens before the window.
+        context = max(0, self.goldfish_h - 2) if self.goldfish_k is not None else 0
+        begin = max(0, start - context)
         tokens = np.asarray(shard.tokens[begin:start + T + 1], dtype=np.int64)
         docs = np.searchsorted(shard.doc_starts, np.arange(begin, start + T + 1), side="right") - 1
         window_tokens, window_docs = tokens[start - begin:], docs[start - begin:]

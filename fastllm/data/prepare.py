@@ -6,9 +6,10 @@ A prepared directory holds::
     fastllm_tokenizer.json    (+ tokenizer.json for BPE): ``load_tokenizer(out_dir)`` reads it back
     train/shard_00000.bin ... validation documents in val/shard_*.bin
 
-Every document is stored as ``[BoD] + ids + [EoD]``. Documents go to validation by systematic sampling
-with a seeded offset: exactly one in every 1/val_fraction documents in stream order, so the split is
-deterministic, streams (no second pass) and spreads over the whole source.
+Every document is stored as ``[BoD] + ids + [EoD]``. Documents go to validation by stratified sampling:
+the stream is cut into consecutive blocks of 1/val_fraction documents and a seeded hash picks one document
+of each block. So the split is deterministic, exact in count, spread over the whole source, and needs no
+second pass over it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 import math
 import os
 import shutil
+from fractions import Fraction
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,6 +33,7 @@ FORMAT_VERSION = 1
 SPLITS = ("train", "val")
 DEFAULT_BPE_VOCAB = 4096
 _ENCODE_BATCH = 256
+_MASK64 = (1 << 64) - 1
 
 
 class _SplitWriter:
@@ -65,8 +68,31 @@ class _SplitWriter:
             self._writer.abort()
 
 
-def _is_val(index: int, fraction: float, offset: float) -> bool:
-    return math.floor((index + 1 + offset) * fraction) > math.floor((index + offset) * fraction)
+class _ValidationSplit:
+    """Document ``i`` is in block ``floor(i * p / q)`` (val_fraction = p/q exactly, in integers); one seeded
+    position per block is validation."""
+
+    def __init__(self, val_fraction: float, seed: int):
+        fraction = Fraction(val_fraction).limit_denominator(1 << 20)
+        self.p, self.q, self.seed = fraction.numerator, fraction.denominator, seed
+
+    def _start(self, block: int) -> int:
+        return -(-block * self.q // self.p)
+
+    def __call__(self, index: int) -> bool:
+        if self.p == 0:
+            return False
+        block = index * self.p // self.q
+        start = self._start(block)
+        return index - start == _hash64(self.seed, block) % (self._start(block + 1) - start)
+
+
+def _hash64(seed: int, value: int) -> int:
+    """splitmix64 of (seed, value): a seeded pseudo-random 64-bit integer."""
+    x = (seed * 0x9E3779B97F4A7C15 + value + 1) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
 
 
 def _documents(source, text_field: str, max_bytes: int | None) -> Iterator[str]:
@@ -95,13 +121,13 @@ def _fingerprint(source, tokenizer_spec, val_fraction, seed, text_field, max_byt
             "seed": seed, "text_field": text_field, "max_bytes": max_bytes, "shard_tokens": shard_tokens}
 
 
-def _resolve_tokenizer(tokenizer, documents, val_fraction, offset):
+def _resolve_tokenizer(tokenizer, documents, is_val):
     """A tokenizer object; ``"bpe"``/``"bpe:VOCAB"`` trains one on the training documents."""
     if not isinstance(tokenizer, str):
         return tokenizer
     if tokenizer == "bpe" or tokenizer.startswith("bpe:"):
         vocab = int(tokenizer.partition(":")[2] or DEFAULT_BPE_VOCAB)
-        train_docs = (d for i, d in enumerate(documents()) if not _is_val(i, val_fraction, offset))
+        train_docs = (d for i, d in enumerate(documents()) if not is_val(i))
         return train_bpe(train_docs, vocab)
     return load_tokenizer(tokenizer)
 
@@ -158,8 +184,8 @@ def prepare_dataset(source, out_dir: str | os.PathLike, tokenizer="byte", *, val
 
         def documents():
             return iter(kept)
-    offset = float(np.random.default_rng([seed, 0x5E1EC7]).random())
-    tok = _resolve_tokenizer(tokenizer, documents, val_fraction, offset)
+    is_val = _ValidationSplit(val_fraction, seed)
+    tok = _resolve_tokenizer(tokenizer, documents, is_val)
     dtype = token_dtype(tok.vocab_size)
     writers = {split: _SplitWriter(out_dir / split, dtype, shard_tokens) for split in SPLITS}
     bos, eos = np.array([tok.bos_id]), np.array([tok.eos_id])
@@ -167,7 +193,7 @@ def prepare_dataset(source, out_dir: str | os.PathLike, tokenizer="byte", *, val
         stream = enumerate(documents())
         while batch := list(itertools.islice(stream, _ENCODE_BATCH)):
             for (index, _), ids in zip(batch, tok.encode_batch([text for _, text in batch])):
-                split = "val" if _is_val(index, val_fraction, offset) else "train"
+                split = "val" if is_val(index) else "train"
                 writers[split].add(np.concatenate([bos, ids, eos]))
         for writer in writers.values():
             writer.close()
