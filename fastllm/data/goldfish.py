@@ -59,14 +59,27 @@ def goldfish_mask(labels, k: int, h: int, seed: int = 0, doc_ids=None):
     n = tokens.shape[-1]
     drop = np.zeros(tokens.shape, dtype=bool)
     if n >= h:
-        # Per-token random values, then a weighted sum over the window with seeded odd weights (a universal
-        # hash of the h-token window) and a final mix so every output bit depends on every token.
-        key = _mix64(np.array([seed & _MASK64, 0x9E3779B97F4A7C15], dtype=_U64))
-        values = _mix64(tokens.astype(np.int64).view(_U64) ^ key[0])
-        weights = _mix64(key[1] + np.arange(1, h + 1, dtype=_U64)) | _U64(1)
-        acc = np.zeros(tokens.shape[:-1] + (n - h + 1,), dtype=_U64)
-        for j in range(h):  # window [t-h+1, t] ends at t = h-1+i for output position i
-            acc += weights[j] * values[..., j:n - h + 1 + j]
-        threshold = _U64((1 << 64) // k)
-        drop[..., h - 1:] = (_mix64(acc) < threshold) & (context[..., h - 1:] >= h)
+        drop[..., h - 1:] = (_window_hash(tokens, h, seed)[..., h - 1:] < _U64((1 << 64) // k)) \
+            & (context[..., h - 1:] >= h)
     return torch.from_numpy(drop).to(labels.device) if as_tensor else drop
+
+
+def _window_hash(tokens: np.ndarray, h: int, seed: int) -> np.ndarray:
+    """For each position t >= h-1 along the last axis, a seeded 64-bit hash of tokens[t-h+1 : t+1].
+
+    Each token id becomes a seeded random value v; the window's polynomial sum_j P^j v[t-j] (mod 2^64, P a
+    seeded odd multiplier) comes from prefix sums of v[i] P^-i, so the cost does not grow with h; a final
+    mix spreads every token's influence over all output bits. Positions t < h-1 hold no meaningful value.
+    """
+    n = tokens.shape[-1]
+    key_value, key_base = (int(x) for x in _mix64(np.array([seed & _MASK64, (seed + 1) & _MASK64], dtype=_U64)
+                                                   ^ _U64(0x9E3779B97F4A7C15)))
+    base = key_base | 1  # odd, hence invertible modulo 2^64
+    powers = np.cumprod(np.full(n, base, dtype=_U64)) * _U64(pow(base, -1, 1 << 64))  # P^t
+    inverse_powers = np.cumprod(np.full(n, pow(base, -1, 1 << 64), dtype=_U64)) * _U64(base)  # P^-t
+    values = _mix64(tokens.astype(np.int64).view(_U64) ^ _U64(key_value))
+    prefix = np.zeros(tokens.shape[:-1] + (n + 1,), dtype=_U64)
+    np.cumsum(values * inverse_powers, axis=-1, out=prefix[..., 1:])
+    out = np.zeros(tokens.shape, dtype=_U64)
+    out[..., h - 1:] = (prefix[..., h:] - prefix[..., :n + 1 - h]) * powers[h - 1:]
+    return _mix64(out)

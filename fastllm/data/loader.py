@@ -155,9 +155,18 @@ class PackedLoader:
             self._sample_index, self._counts = saved
             raise StopIteration
         mine = picks[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
-        rows = [self._sample(s, n) for s, n in mine]
-        return {key: torch.from_numpy(np.stack([row[i] for row in rows])) for i, key in
-                enumerate(("input_ids", "labels", "doc_ids"))}
+        # Goldfish hashes the h tokens ending at each label; for the first label (window position 1) they
+        # begin h - 2 tokens before the window, so rows carry that much context on the left.
+        context = max(0, self.goldfish_h - 2) if self.goldfish_k is not None else 0
+        tokens, docs = (np.stack(a) for a in zip(*(self._segment(s, n, context) for s, n in mine)))
+        window_tokens, window_docs = tokens[:, context:], docs[:, context:]
+        labels = window_tokens[:, 1:].copy()
+        labels[window_docs[:, 1:] != window_docs[:, :-1]] = IGNORE_INDEX
+        if self.goldfish_k is not None:
+            drop = goldfish_mask(tokens, self.goldfish_k, self.goldfish_h, self.goldfish_seed, doc_ids=docs)
+            labels[drop[:, -self.seq_len:]] = IGNORE_INDEX
+        return {"input_ids": torch.from_numpy(window_tokens[:, :-1].copy()), "labels": torch.from_numpy(labels),
+                "doc_ids": torch.from_numpy(window_docs[:, :-1] - window_docs[:, :1])}
 
     def _window(self, s: int, n: int) -> int:
         """The window of source ``s``'s ``n``-th sample: position n mod size in a permutation seeded by
@@ -170,22 +179,18 @@ class PackedLoader:
             self._permutations[s] = cached
         return int(cached[1][index])
 
-    def _sample(self, s: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _segment(self, s: int, n: int, context: int) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens and shard-wide document numbers of source ``s``'s ``n``-th window (``seq_len + 1`` tokens)
+        and the ``context`` tokens before it; before the shard's start they are padding in document -1."""
         source, T = self.sources[s], self.seq_len
         window = self._window(s, n)
         shard_index = int(np.searchsorted(source.window_ends, window, side="right"))
         shard = source.shards[shard_index]
         start = (window - (int(source.window_ends[shard_index - 1]) if shard_index else 0)) * T
-        # Goldfish hashes the h tokens ending at each label; for the first label (window position 1) they
-        # begin h - 2 tokens before the window.
-        context = max(0, self.goldfish_h - 2) if self.goldfish_k is not None else 0
-        begin = max(0, start - context)
-        tokens = np.asarray(shard.tokens[begin:start + T + 1], dtype=np.int64)
-        docs = np.searchsorted(shard.doc_starts, np.arange(begin, start + T + 1), side="right") - 1
-        window_tokens, window_docs = tokens[start - begin:], docs[start - begin:]
-        labels = window_tokens[1:].copy()
-        labels[window_docs[1:] != window_docs[:-1]] = IGNORE_INDEX
-        if self.goldfish_k is not None:
-            drop = goldfish_mask(tokens, self.goldfish_k, self.goldfish_h, self.goldfish_seed, doc_ids=docs)
-            labels[drop[-T:]] = IGNORE_INDEX
-        return window_tokens[:-1], labels, window_docs[:-1] - window_docs[0]
+        begin = start - context
+        tokens = np.zeros(context + T + 1, dtype=np.int64)
+        docs = np.full(context + T + 1, -1, dtype=np.int64)
+        tokens[max(0, -begin):] = shard.tokens[max(0, begin):start + T + 1]
+        docs[max(0, -begin):] = np.searchsorted(shard.doc_starts, np.arange(max(0, begin), start + T + 1),
+                                                side="right") - 1
+        return tokens, docs
