@@ -99,3 +99,14 @@ def test_default_corpus_prepares_in_seconds(tmp_path):
     assert train["num_tokens"] > 1_000_000 and 0.01 < val["num_tokens"] / train["num_tokens"] < 0.2
     entropy = unigram_entropy(tmp_path, "val", unit="bits")
     assert 3.5 < entropy < 6.0  # Python source: far from uniform over bytes (8 bits)
+
+
+def test_prepare_command(tmp_path, capsys):
+    from fastllm.data.cli import main
+
+    src = tmp_path / "docs.jsonl"
+    src.write_text("\n".join(json.dumps({"body": d}) for d in DOCS))
+    assert main([str(src), "--out", str(tmp_path / "out"), "--text-field", "body", "--val-fraction", "0.1"]) == 0
+    out = capsys.readouterr().out
+    assert "val: " in out and "unigram entropy" in out
+    assert read_meta(tmp_path / "out")["splits"]["val"]["num_docs"] == 20
