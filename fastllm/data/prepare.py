@@ -150,7 +150,9 @@ def prepare_dataset(source, out_dir: str | os.PathLike, tokenizer="byte", *, val
     ``tokenizer``: a tokenizer object, ``"byte"``, ``"bpe"``/``"bpe:VOCAB"`` (train a BPE on the training
     documents; default vocabulary 4096) or a path for ``load_tokenizer``. ``max_bytes`` caps the UTF-8 text read
     (the default corpus is capped at ``DEFAULT_CORPUS_MAX_BYTES`` unless given). A directory already prepared
-    with the same arguments is returned as it is; a directory holding anything else needs ``overwrite=True``.
+    with the same arguments (source and tokenizer given by name or path) is returned as it is; a directory
+    holding anything else needs ``overwrite=True``. Not safe to run concurrently on one directory: under
+    torchrun, prepare on rank 0, then barrier.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
