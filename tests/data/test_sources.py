@@ -82,3 +82,10 @@ def test_default_corpus_is_the_stdlib_deterministic_and_capped():
     assert 1_000_000 < size <= DEFAULT_CORPUS_MAX_BYTES
     assert docs[0] == next(f.read_text() for f in files if f.read_text().strip())
     assert sum(len(d.encode()) for d in default_corpus(max_bytes=50_000)) <= 50_000
+
+
+def test_hugging_face_source_string(tmp_path, monkeypatch):
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "part.jsonl").write_text('{"text": "first"}\n{"text": "second"}\n')
+    assert list(iter_documents(f"hf:{tmp_path}")) == ["first", "second"]
