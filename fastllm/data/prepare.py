@@ -19,14 +19,15 @@ import json
 import math
 import os
 import shutil
-from fractions import Fraction
 from collections.abc import Iterator
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 
 from .shards import Shard, ShardWriter, token_dtype
-from .sources import DEFAULT_CORPUS_MAX_BYTES, default_corpus, default_corpus_fingerprint, iter_documents
+from .sources import (DEFAULT_CORPUS_MAX_BYTES, default_corpus, default_corpus_fingerprint, document_files,
+                      iter_documents)
 from .tokenizers import CONFIG_NAME, load_tokenizer, train_bpe
 
 FORMAT_VERSION = 1
@@ -111,8 +112,12 @@ def _fingerprint(source, tokenizer_spec, val_fraction, seed, text_field, max_byt
     """What the output depends on, to reuse a finished directory; None for in-memory sources (never reused)."""
     if isinstance(source, str) and source == "default":
         name = default_corpus_fingerprint(DEFAULT_CORPUS_MAX_BYTES if max_bytes is None else max_bytes)
+    elif isinstance(source, str) and source.startswith("hf:"):
+        name = source
     elif isinstance(source, (str, os.PathLike)):
-        name = str(source) if str(source).startswith("hf:") else str(Path(source).resolve())
+        # Path, sizes and modification times of the files read: an edited source is prepared again.
+        path = Path(source).resolve()
+        name = [str(path)] + [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in document_files(path)]
     else:
         return None
     if not isinstance(tokenizer_spec, str):
@@ -126,7 +131,10 @@ def _resolve_tokenizer(tokenizer, documents, is_val):
     if not isinstance(tokenizer, str):
         return tokenizer
     if tokenizer == "bpe" or tokenizer.startswith("bpe:"):
-        vocab = int(tokenizer.partition(":")[2] or DEFAULT_BPE_VOCAB)
+        vocab = tokenizer.partition(":")[2] or str(DEFAULT_BPE_VOCAB)
+        if not vocab.isdigit():
+            raise ValueError(f"tokenizer {tokenizer!r}: expected 'bpe' or 'bpe:VOCAB_SIZE'")
+        vocab = int(vocab)
         train_docs = (d for i, d in enumerate(documents()) if not is_val(i))
         return train_bpe(train_docs, vocab)
     return load_tokenizer(tokenizer)

@@ -99,6 +99,19 @@ def _is_document_file(path: Path) -> bool:
                                          or path.suffix.lower() in TEXT_SUFFIXES)
 
 
+def document_files(path: Path) -> list[Path]:
+    """The files a path source reads, in order: the path itself, or a directory's document files."""
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise FileNotFoundError(f"data source {str(path)!r} does not exist")
+    files = sorted((p for p in path.rglob("*") if p.is_file() and _is_document_file(p)),
+                   key=lambda p: p.relative_to(path).as_posix())
+    if not files:
+        raise ValueError(f"{path}: no document files (.jsonl, .parquet or {sorted(TEXT_SUFFIXES)})")
+    return files
+
+
 def _hf_documents(spec: str, text_field: str, split: str) -> Iterator[str]:
     try:
         import datasets
@@ -133,18 +146,8 @@ def iter_documents(source, *, text_field: str = "text", hf_split: str = "train")
     elif isinstance(source, str) and source.startswith("hf:"):
         yield from _hf_documents(source, text_field, hf_split)
     elif isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        if path.is_dir():
-            files = sorted((p for p in path.rglob("*") if p.is_file() and _is_document_file(p)),
-                           key=lambda p: p.relative_to(path).as_posix())
-            if not files:
-                raise ValueError(f"{path}: no document files (.jsonl, .parquet or {sorted(TEXT_SUFFIXES)})")
-            for file in files:
-                yield from _file_documents(file, text_field)
-        elif path.is_file():
-            yield from _file_documents(path, text_field)
-        else:
-            raise FileNotFoundError(f"data source {str(source)!r} does not exist")
+        for file in document_files(Path(source)):
+            yield from _file_documents(file, text_field)
     elif isinstance(source, Iterable):
         yield from _record_documents(source, text_field)
     else:

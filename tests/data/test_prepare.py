@@ -110,3 +110,16 @@ def test_prepare_command(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "val: " in out and "unigram entropy" in out
     assert read_meta(tmp_path / "out")["splits"]["val"]["num_docs"] == 20
+
+
+def test_edited_source_is_not_reused(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i, doc in enumerate(DOCS):
+        (src / f"{i:03d}.txt").write_text(doc)
+    prepare_dataset(src, tmp_path / "out")
+    (src / "000.txt").write_text("changed text, and longer")
+    with pytest.raises(FileExistsError):
+        prepare_dataset(src, tmp_path / "out")
+    with pytest.raises(ValueError, match="bpe:VOCAB_SIZE"):
+        prepare_dataset(src, tmp_path / "other", "bpe:big")
