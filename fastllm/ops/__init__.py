@@ -14,6 +14,7 @@ import torch
 from fastllm.ops import _backend
 from fastllm.ops._backend import build_info, current_backend, use_backend
 from fastllm.ops.ademamix import ademamix_step_
+from fastllm.ops.xielu import has_cpp_kernels as _xielu_has_cpp
 from fastllm.ops.xielu import xielu
 
 
@@ -36,7 +37,7 @@ def available() -> dict:
                 "cpu": "reference" if reference or not _backend.has_cpu_kernels() else "cpp",
                 "cuda": cuda_kernel,
             },
-            "xielu": {"cpu": "reference" if reference else "torch-fp32",
+            "xielu": {"cpu": "reference" if reference else ("cpp" if _xielu_has_cpp() else "torch-fp32"),
                       "cuda": "reference" if reference else ("triton" if _triton_installed() else "torch-fp32")},
         },
     }

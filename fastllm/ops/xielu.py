@@ -5,8 +5,8 @@ itself (alpha_p = softplus(a_p), alpha_n = beta + softplus(a_n)), as Hugging Fac
 them. Gradients flow to x and to both raw parameters.
 
 Kernels: Triton on CUDA (fused forward; fused backward producing dx and per-block partial sums of
-the parameter gradients); on the CPU a float32 vectorised PyTorch path. Both compute in float32 and
-store in x's dtype. ``FASTLLM_BACKEND=reference`` runs fastllm/ops/xielu_ref.py instead.
+the parameter gradients); on the CPU the C++ kernel of fastllm._C (csrc/xielu/, float32 and
+bfloat16), else a float32 vectorised PyTorch path. All compute in float32 and store in x's dtype. ``FASTLLM_BACKEND=reference`` runs fastllm/ops/xielu_ref.py instead.
 """
 
 from __future__ import annotations
@@ -32,7 +32,34 @@ def _use_reference(x: torch.Tensor) -> bool:
     return _backend.current_backend() == "reference" or x.dtype not in KERNEL_DTYPES
 
 
-# Vectorised CPU path: float32 arithmetic whatever x's dtype, like the GPU kernel.
+def has_cpp_kernels() -> bool:
+    return _backend.has_cpu_kernels() and hasattr(_backend._C, "xielu_forward_cpu")
+
+
+CPP_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _forward_cpp(x, alpha_p, alpha_n, beta, eps):
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    _backend._C.xielu_forward_cpu(x.data_ptr(), y.data_ptr(), x.numel(), _backend.DTYPE_CODES[x.dtype],
+                                  alpha_p.item(), alpha_n.item(), beta, eps, _backend.cpu_threads())
+    return y
+
+
+def _backward_cpp(grad, x, alpha_p, alpha_n, beta, eps):
+    x, grad = x.contiguous(), grad.to(x.dtype).contiguous()
+    dx = torch.empty_like(x)
+    sum_p, sum_n = _backend._C.xielu_backward_cpu(grad.data_ptr(), x.data_ptr(), dx.data_ptr(), x.numel(),
+                                                  _backend.DTYPE_CODES[x.dtype], alpha_p.item(), alpha_n.item(),
+                                                  beta, eps, _backend.cpu_threads())
+    # Chain rule through the softplus, d softplus(a)/da = sigmoid(a), finished in float64.
+    d_alpha_p = (sum_p * torch.sigmoid(alpha_p.double())).to(alpha_p.dtype).reshape(alpha_p.shape)
+    d_alpha_n = (sum_n * torch.sigmoid(alpha_n.double())).to(alpha_n.dtype).reshape(alpha_n.shape)
+    return dx, d_alpha_p, d_alpha_n
+
+
+# Vectorised CPU path (no compiled module, or float16): float32 arithmetic, like the kernels.
 def _forward_cpu(x, alpha_p, alpha_n, beta, eps):
     return xielu_reference(x.float(), alpha_p.float(), alpha_n.float(), beta, eps).to(x.dtype)
 
@@ -65,6 +92,8 @@ def _(x, alpha_p, alpha_n, beta, eps):
 def _(x, alpha_p, alpha_n, beta, eps):
     if _use_reference(x):
         return xielu_reference(x, alpha_p, alpha_n, beta, eps)
+    if has_cpp_kernels() and x.dtype in CPP_DTYPES:
+        return _forward_cpp(x, alpha_p, alpha_n, beta, eps)
     return _forward_cpu(x, alpha_p, alpha_n, beta, eps)
 
 
@@ -94,6 +123,8 @@ def _(grad, x, alpha_p, alpha_n, beta, eps):
 def _(grad, x, alpha_p, alpha_n, beta, eps):
     if _use_reference(x):
         return xielu_backward_reference(grad, x, alpha_p, alpha_n, beta, eps)
+    if has_cpp_kernels() and x.dtype in CPP_DTYPES:
+        return _backward_cpp(grad, x, alpha_p, alpha_n, beta, eps)
     return _backward_cpu(grad, x, alpha_p, alpha_n, beta, eps)
 
 
