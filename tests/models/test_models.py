@@ -5,6 +5,7 @@ import torch
 
 from fastllm.models import (ApertusConfig, LlamaConfig, build_model, config_from_dict, generate, model_names,
                             register_model)
+from fastllm.testing import requires_cuda
 
 TINY = {"vocab_size": 97, "dim": 48, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "hidden_dim": 80}
 
@@ -186,3 +187,29 @@ def test_register_model():
 
     with pytest.raises(TypeError, match="arch 'test-wide' expects a WideConfig, got SimpleNamespace"):
         build_model(SimpleNamespace(arch="test-wide"))
+
+
+@requires_cuda
+@pytest.mark.parametrize("arch", ["llama", "apertus"])
+def test_cuda_bf16_autocast_compiled_training_step(arch):
+    cpu_model = tiny(arch)
+    model = tiny(arch).cuda().train()
+    ids = torch.randint(0, 97, (4, 64))
+    doc_ids = torch.cumsum(torch.rand(4, 64) < 0.05, dim=1)
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        logits = compiled(ids.cuda(), doc_ids=doc_ids.cuda())
+    loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), ids.cuda().flatten())
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    with torch.no_grad():
+        expected = cpu_model(ids, doc_ids=doc_ids)
+    torch.testing.assert_close(logits.float().cpu(), expected, atol=5e-2, rtol=5e-2)
+
+
+@requires_cuda
+def test_cuda_generation_matches_full_forward():
+    model = tiny("apertus").cuda()
+    prompt = torch.randint(0, 97, (2, 5), device="cuda")
+    out = generate(model, prompt, max_new_tokens=9, temperature=0.0)
+    torch.testing.assert_close(out[:, 5:], model(out)[:, 4:-1].argmax(-1), rtol=0, atol=0)
