@@ -156,7 +156,7 @@ def test_param_counts_flops_and_weight_decay():
 
 
 def test_training_step_and_compile():
-    model = tiny("apertus").train()
+    model = tiny("apertus", n_layers=1).train()
     ids = torch.randint(0, 97, (2, 10))
     doc_ids = torch.tensor([[0] * 4 + [1] * 6, [0] * 10])
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
