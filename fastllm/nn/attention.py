@@ -10,6 +10,7 @@ configs select one with ``attention: str``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -67,6 +68,40 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
 
 
 register_attention("sdpa", sdpa_attention)
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention as flex
+
+    return torch.compile(flex, dynamic=False)
+
+
+def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
+                   doc_ids: torch.Tensor | None = None, softmax_scale: float | None = None) -> torch.Tensor:
+    """torch's FlexAttention with a block-sparse causal/document mask: fully masked tiles are skipped, so
+    packed documents cost what their own lengths cost. Compiled on CUDA (inside a compiled model it is
+    traced along). SDPA computes the same where FlexAttention cannot: decoding with a KV cache
+    (Tq < Tk) and backward passes on the CPU."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    from torch.nn.attention.flex_attention import flex_attention as flex
+
+    B, Tq, Tk = q.shape[0], q.shape[-2], k.shape[-2]
+    if Tq != Tk or (not q.is_cuda and torch.is_grad_enabled() and q.requires_grad):
+        return sdpa_attention(q, k, v, causal=causal, doc_ids=doc_ids, softmax_scale=softmax_scale)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        allowed = kv_idx <= q_idx if causal else kv_idx >= 0
+        if doc_ids is not None:
+            allowed = allowed & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
+        return allowed
+
+    block_mask = create_block_mask(mask_mod, B if doc_ids is not None else None, None, Tq, Tk, device=q.device)
+    # Eager CUDA calls go through a compiled FlexAttention; a compiled model traces the plain one.
+    run = _compiled_flex() if q.is_cuda and not torch.compiler.is_compiling() else flex
+    return run(q, k, v, block_mask=block_mask, scale=softmax_scale, enable_gqa=q.shape[1] != k.shape[1])
+
+
+register_attention("flex", flex_attention)
 
 
 class Attention(nn.Module):

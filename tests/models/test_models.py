@@ -81,10 +81,12 @@ def test_generation_stops_at_eos():
     assert torch.all(out[0, first:] == eos)
 
 
-@pytest.mark.parametrize("arch", ["llama", "apertus"])
-def test_document_masking(arch):
+@pytest.mark.filterwarnings("ignore::UserWarning")  # flex_attention runs unfused outside torch.compile
+@pytest.mark.parametrize("arch,attention", [("llama", "sdpa"), ("apertus", "sdpa"), ("apertus", "flex")])
+@torch.no_grad()
+def test_document_masking(arch, attention):
     # A packed row of two documents gives each document the logits it gets alone.
-    model = tiny(arch)
+    model = tiny(arch, attention=attention)
     a, b = torch.randint(0, 97, (1, 5)), torch.randint(0, 97, (1, 7))
     packed = model(torch.cat([a, b], dim=1), doc_ids=torch.tensor([[0] * 5 + [1] * 7]))
     torch.testing.assert_close(packed[:, :5], model(a), atol=1e-5, rtol=1e-5)
@@ -190,10 +192,10 @@ def test_register_model():
 
 
 @requires_cuda
-@pytest.mark.parametrize("arch", ["llama", "apertus"])
-def test_cuda_bf16_autocast_compiled_training_step(arch):
+@pytest.mark.parametrize("arch,attention", [("llama", "sdpa"), ("apertus", "sdpa"), ("apertus", "flex")])
+def test_cuda_bf16_autocast_compiled_training_step(arch, attention):
     cpu_model = tiny(arch)
-    model = tiny(arch).cuda().train()
+    model = tiny(arch, attention=attention).cuda().train()
     ids = torch.randint(0, 97, (4, 64))
     doc_ids = torch.cumsum(torch.rand(4, 64) < 0.05, dim=1)
     compiled = torch.compile(model, fullgraph=True)

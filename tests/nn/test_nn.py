@@ -8,6 +8,7 @@ from fastllm.nn import (Attention, DecoderBlock, RMSNorm, RotaryEmbedding, apply
                         positions_from_doc_ids, register_attention)
 from fastllm.nn.attention import attention_names
 from fastllm.nn.rope import rope_inv_freq
+from fastllm.testing import requires_cuda
 
 
 def naive_attention(q, k, v, allowed):
@@ -77,6 +78,17 @@ def test_sdpa_causal_gqa_and_documents(n_heads, n_kv_heads):
                                atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # flex_attention runs unfused outside torch.compile
+@pytest.mark.parametrize("causal", [True, False])
+def test_flex_matches_sdpa(causal):
+    q, k, v = torch.randn(2, 4, 37, 8), torch.randn(2, 2, 37, 8), torch.randn(2, 2, 37, 8)
+    doc_ids = torch.cumsum(torch.rand(2, 37) < 0.15, dim=1)
+    sdpa, flex = get_attention("sdpa"), get_attention("flex")
+    for docs in (None, doc_ids):
+        torch.testing.assert_close(flex(q, k, v, causal=causal, doc_ids=docs),
+                                   sdpa(q, k, v, causal=causal, doc_ids=docs), atol=1e-5, rtol=1e-5)
+
+
 def test_sdpa_queries_at_the_end_of_the_keys():
     # KV-cache decoding: 3 new queries against 10 keys see keys up to their own position.
     sdpa = get_attention("sdpa")
@@ -126,3 +138,20 @@ def test_xielu_mlp_initialisation():
         DecoderBlock(16, 2, 2, 8, 32, mlp="gelu")
     with pytest.raises(ValueError, match="multiple of n_kv_heads"):
         Attention(16, 3, 2, 8)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_flex_matches_sdpa_with_gradients(dtype):
+    q = torch.randn(2, 8, 300, 64, device="cuda", dtype=dtype, requires_grad=True)
+    k = torch.randn(2, 2, 300, 64, device="cuda", dtype=dtype, requires_grad=True)
+    v = torch.randn(2, 2, 300, 64, device="cuda", dtype=dtype, requires_grad=True)
+    doc_ids = torch.cumsum(torch.rand(2, 300, device="cuda") < 0.01, dim=1)
+    grad = torch.randn_like(q)
+    results = []
+    for name in ("flex", "sdpa"):
+        out = get_attention(name)(q, k, v, doc_ids=doc_ids)
+        results.append((out, *torch.autograd.grad(out, (q, k, v), grad)))
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    for flex, sdpa in zip(*results):
+        torch.testing.assert_close(flex, sdpa, atol=tol, rtol=tol)
