@@ -152,6 +152,6 @@ def test_cuda_flex_matches_sdpa_with_gradients(dtype):
     for name in ("flex", "sdpa"):
         out = get_attention(name)(q, k, v, doc_ids=doc_ids)
         results.append((out, *torch.autograd.grad(out, (q, k, v), grad)))
-    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
     for flex, sdpa in zip(*results):
-        torch.testing.assert_close(flex, sdpa, atol=tol, rtol=tol)
+        torch.testing.assert_close(flex, sdpa, atol=tol * sdpa.abs().max().item(), rtol=tol)
