@@ -153,14 +153,13 @@ def from_pretrained(path, *, dtype: torch.dtype = torch.float32, device="cpu", *
             continue
         state[_rename(hf_name, config.arch, to_fastllm=True)] = tensor
 
+    # Built without memory on the meta device, then allocated once in the target dtype and device.
     with torch.device("meta"):
-        model = build_model(config)
+        model = build_model(config).to(dtype)
     model.to_empty(device=device)
-    model.to(dtype)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"checkpoint {path} does not match its config: missing {missing}, unexpected {unexpected}")
-    model.rope.reset_parameters()
     return model
 
 

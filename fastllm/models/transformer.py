@@ -117,7 +117,7 @@ class TransformerLM(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """Normal(0, init_std) matrices, residual output projections scaled by 1/sqrt(2 n_layers) (GPT-2),
-        unit norm gains, xIELU at its Apertus initialisation, RoPE frequencies recomputed."""
+        unit norm gains, xIELU at its Apertus initialisation."""
         std = self.config.init_std
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -127,7 +127,6 @@ class TransformerLM(nn.Module):
                 nn.init.ones_(module.weight)
             elif isinstance(module, XIELU):
                 module.reset_parameters()
-        self.rope.reset_parameters()
 
     def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> torch.Tensor:

@@ -38,9 +38,9 @@ def check_rope_scaling(scaling: dict | None) -> None:
         raise ValueError(f"rope_scaling['factor'] must be >= 1, got {scaling['factor']}")
 
 
-def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None, device=None) -> torch.Tensor:
     """The head_dim / 2 angular frequencies (float32), scaled for long contexts when asked."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
     if scaling is None:
         return inv_freq
     factor = scaling["factor"]
@@ -68,21 +68,21 @@ def positions_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
+    """Computes cos/sin for given positions. The frequencies are recomputed on each call (head_dim / 2
+    values, free next to the model) rather than kept as a buffer, so they stay float32 when the model is
+    cast to bfloat16 and need no re-initialisation after building on the meta device."""
+
     def __init__(self, head_dim: int, theta: float = 10000.0, scaling: dict | None = None):
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"RoPE needs an even head dimension, got {head_dim}")
         check_rope_scaling(scaling)
         self.head_dim, self.theta, self.scaling = head_dim, theta, scaling
-        self.register_buffer("inv_freq", rope_inv_freq(head_dim, theta, scaling), persistent=False)
-
-    def reset_parameters(self) -> None:
-        """Recomputes the frequencies (after ``to_empty``, e.g. a model built on the meta device)."""
-        self.inv_freq.copy_(rope_inv_freq(self.head_dim, self.theta, self.scaling))
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape positions.shape + (head_dim,), float32."""
-        freqs = positions.float()[..., None] * self.inv_freq
+        inv_freq = rope_inv_freq(self.head_dim, self.theta, self.scaling, device=positions.device)
+        freqs = positions.float()[..., None] * inv_freq
         angles = torch.cat((freqs, freqs), dim=-1)
         return angles.cos(), angles.sin()
 

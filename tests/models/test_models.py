@@ -215,3 +215,17 @@ def test_cuda_generation_matches_full_forward():
     prompt = torch.randint(0, 97, (2, 5), device="cuda")
     out = generate(model, prompt, max_new_tokens=9, temperature=0.0)
     torch.testing.assert_close(out[:, 5:], model(out)[:, 4:-1].argmax(-1), rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_bfloat16_model_keeps_float32_rotary_angles():
+    # Casting the model must not round RoPE's frequencies: angles at long positions would be off by radians.
+    model = tiny("llama", n_layers=1)
+    positions = torch.tensor([0, 1, 4000, 65535])
+    expected = model.rope(positions)
+    model.to(torch.bfloat16)
+    for value, reference in zip(model.rope(positions), expected):
+        assert value.dtype == torch.float32
+        torch.testing.assert_close(value, reference, rtol=0, atol=0)
+    ids = torch.randint(0, 97, (2, 9))
+    assert model(ids).dtype == torch.bfloat16
