@@ -64,6 +64,11 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal and Tq > 1, scale=softmax_scale,
                                               enable_gqa=gqa)
     mask = attention_mask(Tq, Tk, causal=causal, doc_ids=doc_ids, device=q.device)
+    if gqa and q.is_cuda:
+        # CUDA's kernel for masked attention (memory-efficient) has no grouped-query support; with
+        # enable_gqa SDPA would fall back to the unfused math path, so the kv heads are expanded instead.
+        repeats = q.shape[1] // k.shape[1]
+        k, v, gqa = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1), False
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=softmax_scale, enable_gqa=gqa)
 
 

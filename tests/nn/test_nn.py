@@ -155,3 +155,20 @@ def test_cuda_flex_matches_sdpa_with_gradients(dtype):
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     for flex, sdpa in zip(*results):
         torch.testing.assert_close(flex, sdpa, atol=tol * sdpa.abs().max().item(), rtol=tol)
+
+
+@requires_cuda
+def test_cuda_masked_gqa_attention_uses_a_fused_kernel():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = torch.randn(2, 8, 256, 64, device="cuda", dtype=torch.bfloat16)
+    k, v = torch.randn(2, 2, 256, 64, device="cuda", dtype=torch.bfloat16), torch.randn(2, 2, 256, 64, device="cuda",
+                                                                                          dtype=torch.bfloat16)
+    doc_ids = torch.cumsum(torch.rand(2, 256, device="cuda") < 0.02, dim=1)
+    causal = torch.ones(256, 256, dtype=torch.bool, device="cuda").tril()[None, None]
+    allowed = causal & (doc_ids[:, :, None] == doc_ids[:, None, :])[:, None]
+    # Without the math fallback SDPA raises if no fused kernel takes the call.
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
+        out = get_attention("sdpa")(q, k, v, doc_ids=doc_ids)
+    torch.testing.assert_close(out.float(), naive_attention(q.float(), k.float(), v.float(), allowed).float(),
+                               atol=2e-2, rtol=2e-2)
