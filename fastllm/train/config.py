@@ -34,7 +34,7 @@ def default_model() -> dict:
 
     ``vocab_size`` defaults to the tokenizer's and ``max_seq_len`` to ``data.seq_len``.
     """
-    return {"arch": "llama", "dim": 256, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "tie_embeddings": True}
+    return {"arch": "llama", "dim": 128, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "tie_embeddings": True}
 
 
 @dataclass
@@ -68,7 +68,7 @@ class OptimConfig:
 @dataclass
 class ScheduleConfig:
     name: str = "wsd"  # "constant", "linear", "cosine" or "wsd"
-    warmup_steps: int = 50
+    warmup_steps: int = 25
     decay_fraction: float = 0.2  # wsd: fraction of the run spent decaying
     decay_shape: str = "1-sqrt"  # wsd: "linear", "cosine" or "1-sqrt"
     min_lr_ratio: float = 0.0  # floor, as a fraction of the peak learning rate
@@ -77,17 +77,17 @@ class ScheduleConfig:
 @dataclass
 class RunConfig:
     out: str = "runs/default"
-    steps: int = 600
+    steps: int = 250
     seed: int = 0
     device: str = "auto"  # "auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:1"
     precision: str = "auto"  # "auto" (bf16 autocast on GPU, fp32 on CPU), "bf16" or "fp32"
     parallel: str = "ddp"  # under torchrun: "ddp" or "fsdp" (FSDP2 fully_shard)
     compile: bool = False
     activation_checkpointing: bool = False
-    eval_interval: int = 200  # steps between validation passes (and at the end); 0 = only at the end
+    eval_interval: int = 125  # steps between validation passes (and at the end); 0 = only at the end
     eval_batches: int = 8
     log_interval: int = 10
-    ckpt_interval: int = 200  # steps between checkpoints (and at the end); 0 = only at the end
+    ckpt_interval: int = 125  # steps between checkpoints (and at the end); 0 = only at the end
     keep_checkpoints: int = 2
     resume: bool = True  # continue from the latest checkpoint in ``out`` when there is one
     max_nan_skips: int = 5  # steps with a NaN/inf loss or gradient skipped before the run stops

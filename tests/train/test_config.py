@@ -92,3 +92,14 @@ def test_bad_files(tmp_path):
 def test_override_syntax():
     with pytest.raises(ConfigError, match="--key=value"):
         parse_overrides(["--steps", "3"])
+
+
+def test_example_configs_load():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).parents[2] / "configs").glob("*.*"))
+    assert {p.name for p in configs} >= {"default.toml", "llama-124m-gpu.toml"}
+    for path in configs:
+        load_config(path)
+    # configs/default.toml spells out exactly what `fastllm train` does without arguments
+    assert load_config(Path(__file__).parents[2] / "configs" / "default.toml") == load_config()
