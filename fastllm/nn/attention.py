@@ -74,11 +74,38 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
 
 register_attention("sdpa", sdpa_attention)
 
+
 @functools.cache
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention as flex
 
     return torch.compile(flex, dynamic=False)
+
+
+# Every layer of a forward pass receives the same doc_ids tensor: its block mask is built once.
+_last_block_mask: tuple | None = None
+
+
+def _block_mask(doc_ids: torch.Tensor | None, causal: bool, B: int, T: int, device: torch.device):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    global _last_block_mask
+    key = (causal, B, T, device, None if doc_ids is None else doc_ids._version)
+    if not torch.compiler.is_compiling() and _last_block_mask is not None:
+        cached_doc_ids, cached_key, block_mask = _last_block_mask
+        if cached_doc_ids is doc_ids and cached_key == key:
+            return block_mask
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        allowed = kv_idx <= q_idx if causal else kv_idx >= 0
+        if doc_ids is not None:
+            allowed = allowed & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
+        return allowed
+
+    block_mask = create_block_mask(mask_mod, B if doc_ids is not None else None, None, T, T, device=device)
+    if not torch.compiler.is_compiling():
+        _last_block_mask = (doc_ids, key, block_mask)
+    return block_mask
 
 
 def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
@@ -87,20 +114,12 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
     packed documents cost what their own lengths cost. Compiled on CUDA (inside a compiled model it is
     traced along). SDPA computes the same where FlexAttention cannot: decoding with a KV cache
     (Tq < Tk) and backward passes on the CPU."""
-    from torch.nn.attention.flex_attention import create_block_mask
     from torch.nn.attention.flex_attention import flex_attention as flex
 
     B, Tq, Tk = q.shape[0], q.shape[-2], k.shape[-2]
     if Tq != Tk or (not q.is_cuda and torch.is_grad_enabled() and q.requires_grad):
         return sdpa_attention(q, k, v, causal=causal, doc_ids=doc_ids, softmax_scale=softmax_scale)
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        allowed = kv_idx <= q_idx if causal else kv_idx >= 0
-        if doc_ids is not None:
-            allowed = allowed & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
-        return allowed
-
-    block_mask = create_block_mask(mask_mod, B if doc_ids is not None else None, None, Tq, Tk, device=q.device)
+    block_mask = _block_mask(doc_ids, causal, B, Tq, q.device)
     # Eager CUDA calls go through a compiled FlexAttention; a compiled model traces the plain one.
     run = _compiled_flex() if q.is_cuda and not torch.compiler.is_compiling() else flex
     return run(q, k, v, block_mask=block_mask, scale=softmax_scale, enable_gqa=q.shape[1] != k.shape[1])

@@ -172,3 +172,14 @@ def test_cuda_masked_gqa_attention_uses_a_fused_kernel():
         out = get_attention("sdpa")(q, k, v, doc_ids=doc_ids)
     torch.testing.assert_close(out.float(), naive_attention(q.float(), k.float(), v.float(), allowed).float(),
                                atol=2e-2, rtol=2e-2)
+
+
+def test_flex_block_mask_is_rebuilt_for_new_documents():
+    from fastllm.nn.attention import _block_mask
+
+    doc_ids = torch.tensor([[0, 0, 1, 1]])
+    first = _block_mask(doc_ids, True, 1, 4, torch.device("cpu"))
+    assert _block_mask(doc_ids, True, 1, 4, torch.device("cpu")) is first  # the other layers reuse it
+    doc_ids[0, 1] = 1  # changed in place: a new version
+    assert _block_mask(doc_ids, True, 1, 4, torch.device("cpu")) is not first
+    assert _block_mask(doc_ids.clone(), True, 1, 4, torch.device("cpu")) is not first
