@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastllm.nn import DecoderBlock, KVCache, RMSNorm, RotaryEmbedding, XIELU, positions_from_doc_ids
+from fastllm.nn import DecoderBlock, KVCache, RMSNorm, RotaryEmbedding, XIELU, get_attention, positions_from_doc_ids
 from fastllm.nn.block import MLPS
 from fastllm.nn.rope import check_rope_scaling
 
@@ -83,6 +83,7 @@ class TransformerConfig:
             raise ValueError(f"mlp must be one of {MLPS}, got {self.mlp!r}")
         if not isinstance(self.attention, str):
             raise ValueError(f"attention must be the name of a registered attention, got {self.attention!r}")
+        get_attention(self.attention)  # raises, listing the registered names, for an unknown one
         check_rope_scaling(self.rope_scaling)
 
     def to_dict(self) -> dict:
