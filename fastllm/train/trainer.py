@@ -130,7 +130,6 @@ def _train(cfg: TrainConfig, env: distributed.Env) -> dict:
     # --- the loop ---
     last_eval = last_ckpt = step
     status, val = "completed", None
-    stopped_at_nan = False
     progress = tqdm(total=cfg.run.steps, initial=step, disable=not (env.main and cfg.run.progress),
                     unit="step", dynamic_ncols=True)
     interval_start, interval_steps, interval_loss = time.perf_counter(), 0, 0.0
@@ -155,6 +154,7 @@ def _train(cfg: TrainConfig, env: distributed.Env) -> dict:
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.optim.grad_clip or math.inf)
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         finite = math.isfinite(train_loss) and math.isfinite(grad_norm)
+        lr = scheduler.get_last_lr()[0]  # the rate this step uses
         if finite:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -167,7 +167,7 @@ def _train(cfg: TrainConfig, env: distributed.Env) -> dict:
             say(f"step {step}: non-finite loss {train_loss} / gradient norm {grad_norm}: step skipped "
                 f"({nan_skips} of at most {cfg.run.max_nan_skips})")
             if nan_skips > cfg.run.max_nan_skips:
-                status, stopped_at_nan = "nan", True
+                status = "nan"
                 say(f"stopping: more than run.max_nan_skips={cfg.run.max_nan_skips} non-finite steps; "
                     f"the last good checkpoint is {_latest_name(out)}")
                 break
@@ -178,12 +178,13 @@ def _train(cfg: TrainConfig, env: distributed.Env) -> dict:
             elapsed = time.perf_counter() - interval_start
             tokens_per_s = interval_steps * tokens_per_step / elapsed
             mfu = flops_per_token * tokens_per_s / (peak * env.world) if peak else None
-            logger.log(step, loss=train_loss, lr=scheduler.get_last_lr()[0], grad_norm=grad_norm,
+            logger.log(step, loss=train_loss, lr=lr, grad_norm=grad_norm,
                        tokens=step * tokens_per_step, tokens_per_s=tokens_per_s, mfu=mfu,
                        elapsed_s=time.perf_counter() - run_start)
             progress.set_postfix(loss=f"{interval_loss / interval_steps:.3f}", tok_s=f"{tokens_per_s:,.0f}",
                                  refresh=False)
             interval_start, interval_steps, interval_loss = time.perf_counter(), 0, 0.0
+        paused = time.perf_counter()  # evaluation and checkpoints do not count against tokens/s
         if (cfg.run.eval_interval and step % cfg.run.eval_interval == 0) or step == cfg.run.steps:
             val = evaluate(model, data_dir, cfg, env, micro, accum, autocast)
             logger.log(step, val_loss=val, val_ppl=math.exp(min(val, 700)))
@@ -192,10 +193,11 @@ def _train(cfg: TrainConfig, env: distributed.Env) -> dict:
         if cfg.run.ckpt_interval and step % cfg.run.ckpt_interval == 0 or step == cfg.run.steps:
             save(out, step, nan_skips, raw_model, model_config, cfg, optimizer, scheduler, loader, tokenizer, env)
             last_ckpt = step
+        interval_start += time.perf_counter() - paused
     progress.close()
 
     # --- the end: final evaluation and checkpoint (when the loop did not just do them), plot ---
-    if not stopped_at_nan:
+    if status == "completed":
         if last_eval != step or val is None:
             val = evaluate(model, data_dir, cfg, env, micro, accum, autocast)
             logger.log(step, val_loss=val, val_ppl=math.exp(min(val, 700)))

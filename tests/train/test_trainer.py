@@ -25,6 +25,7 @@ def test_trains_logs_evaluates_and_checkpoints(tiny_config):
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
     assert [r["step"] for r in records if "val_loss" in r] == [3, 6]
     assert all(r["tokens_per_s"] > 0 and "mfu" not in r for r in records if "loss" in r)  # no CPU peak: no MFU
+    assert [r["lr"] for r in records if "loss" in r][:3] == pytest.approx([0.5e-2, 1e-2, 1e-2])  # warm-up 2
     train = losses(cfg.run.out)
     assert train[6] < train[1]
     assert math.isfinite(result["val_loss"]) and result["val_ppl"] == pytest.approx(math.exp(result["val_loss"]))
