@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
+from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
@@ -299,14 +300,16 @@ def evaluate(model, data_dir: Path, cfg: TrainConfig, env: distributed.Env, micr
 # --- checkpoints ---
 
 
-def _state_dict_options(env: distributed.Env) -> StateDictOptions:
-    return StateDictOptions(full_state_dict=True, cpu_offload=env.distributed)
+def _state_dict_options(model) -> StateDictOptions:
+    # Sharded (FSDP2) states are gathered into full tensors on rank 0's CPU; others are already whole.
+    sharded = any(isinstance(p, DTensor) for p in model.parameters())
+    return StateDictOptions(full_state_dict=sharded, cpu_offload=sharded)
 
 
 def save(out: Path, step: int, nan_skips: int, model, model_config, cfg: TrainConfig, optimizer, scheduler,
          loader, tokenizer, env: distributed.Env) -> None:
     """Every rank takes part (sharded states are gathered); rank 0 writes."""
-    options = _state_dict_options(env)
+    options = _state_dict_options(model)
     weights = get_model_state_dict(model, options=options)
     optim_state = get_optimizer_state_dict(model, optimizer, options=options)
     loaders = env.gather_objects(loader.state_dict())
@@ -328,7 +331,7 @@ def restore(path: Path, model, optimizer, scheduler, loader, env: distributed.En
                            f"the same number (this run has {env.world}); or start a fresh run.out")
     weights = ckpt.load_weights(path)
     ckpt.fill_missing_aliases(model, weights)
-    options = _state_dict_options(env)
+    options = _state_dict_options(model)
     set_model_state_dict(model, weights, options=options)
     set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
     scheduler.load_state_dict(state["scheduler"])

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from fastllm.optim.schedules import ademamix_class
 from fastllm.train import trainer
 from fastllm.train.checkpoint import list_checkpoints, load_model, load_state
 from fastllm.train.metrics import read_metrics
@@ -40,8 +41,13 @@ def test_trains_logs_evaluates_and_checkpoints(tiny_config):
     assert not any(p.name.startswith(".tmp") for p in last.parent.iterdir())
 
 
-def test_resume_reproduces_the_uninterrupted_run(tiny_config, tmp_path):
-    cfg = tiny_config()
+@pytest.mark.parametrize("optimizer", [
+    "adamw",
+    pytest.param("ademamix", marks=pytest.mark.skipif(
+        ademamix_class() is None, reason="fastllm.optim.AdEMAMix is not in this build yet (lead's branch)")),
+])
+def test_resume_reproduces_the_uninterrupted_run(tiny_config, tmp_path, optimizer):
+    cfg = tiny_config(optim__name=optimizer)
     trainer.train(cfg)
     full = losses(cfg.run.out)
     full_weights = load_model(cfg.run.out)[0].state_dict()
@@ -50,7 +56,7 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_config, tmp_path):
     shutil.copytree(cfg.run.out, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step_00000006")
     assert load_state(resumed / "checkpoints" / "step_00000003")["step"] == 3  # weights_only load
-    result = trainer.train(tiny_config(run__out=resumed))
+    result = trainer.train(tiny_config(optim__name=optimizer, run__out=resumed))
     assert result["step"] == 6
     assert losses(resumed) == full  # bit for bit, and the metrics file reads as one run
     for name, tensor in load_model(resumed)[0].state_dict().items():
