@@ -14,6 +14,9 @@ import torch
 from fastllm.ops import _backend
 from fastllm.ops._backend import build_info, current_backend, use_backend
 from fastllm.ops.ademamix import ademamix_step_
+from fastllm.ops.causal_conv1d import causal_conv1d, causal_conv1d_update
+from fastllm.ops.selective_scan import selective_scan
+from fastllm.ops.selective_state_update import selective_state_update
 
 
 def _triton_installed() -> bool:
@@ -35,8 +38,13 @@ def available() -> dict:
                 "cpu": "reference" if reference or not _backend.has_cpu_kernels() else "cpp",
                 "cuda": cuda_kernel,
             },
+            **{op: {"cpu": "reference" if reference or not _backend.has_cpu_kernels() else "cpp",
+                    "cuda": "reference" if reference or not hasattr(_backend._C, launcher) else "cuda"}
+               for op, launcher in (("selective_scan", "selective_scan_fwd_cuda"),
+                                    ("selective_state_update", "selective_state_update_cuda"))},
         },
     }
 
 
-__all__ = ["ademamix_step_", "available", "build_info", "current_backend", "use_backend"]
+__all__ = ["ademamix_step_", "available", "build_info", "causal_conv1d", "causal_conv1d_update", "current_backend",
+           "selective_scan", "selective_state_update", "use_backend"]
