@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "common/cpu_utils.h"
 #include "selective_scan/selective_scan.h"
 
 namespace fastllm {
@@ -12,14 +13,6 @@ namespace {
 
 constexpr int W = kCpuLanes;
 
-// The tiles' loops are compiled twice, for AVX2 + FMA (one 8-lane vector per step) and for the
-// baseline ISA, and picked by CPU at run time; everything they call is inlined into both copies.
-#if defined(__x86_64__) && defined(__GNUC__)
-#define FASTLLM_X86_DISPATCH 1
-#define FASTLLM_INLINE inline __attribute__((always_inline))
-#else
-#define FASTLLM_INLINE inline
-#endif
 
 struct Tile {
   int64_t b, g, index, first_channel, lanes;
@@ -45,7 +38,7 @@ struct ChunkInputs {
 
 // Per-position work runs along t for one channel (contiguous, vectorised), then is transposed.
 template <typename T>
-FASTLLM_INLINE void load_chunk(const ScanArgs& a, const Tile& tile, int64_t t0, int64_t len, ChunkInputs& in) {
+FASTLLM_ALWAYS_INLINE void load_chunk(const ScanArgs& a, const Tile& tile, int64_t t0, int64_t len, ChunkInputs& in) {
   const T* u = static_cast<const T*>(a.u);
   const T* delta = static_cast<const T*>(a.delta);
   float delta_row[kScanChunk], u_row[kScanChunk];
@@ -70,7 +63,7 @@ FASTLLM_INLINE void load_chunk(const ScanArgs& a, const Tile& tile, int64_t t0, 
 
 // out = (y + D u) silu(z) for one channel of the chunk, y and u read from the [position][lane] buffers.
 template <typename T>
-FASTLLM_INLINE void store_outputs(const ScanArgs& a, const ChunkInputs& in, const float* y, int64_t lane, int64_t row,
+FASTLLM_ALWAYS_INLINE void store_outputs(const ScanArgs& a, const ChunkInputs& in, const float* y, int64_t lane, int64_t row,
                                   int64_t len, float d, T* out) {
   float y_row[kScanChunk], u_row[kScanChunk];
   for (int64_t t = 0; t < len; ++t) {
@@ -88,7 +81,7 @@ FASTLLM_INLINE void store_outputs(const ScanArgs& a, const ChunkInputs& in, cons
 // The scan of state n over one chunk from h (updated in place); y += C h; with kHistory, history
 // gets every h. The lane loop is one SIMD vector; restrict keeps the state in a register.
 template <bool kHistory, typename T>
-FASTLLM_INLINE void scan_state(const ChunkInputs& in, const float* __restrict a_n, const T* b_row, const T* c_row,
+FASTLLM_ALWAYS_INLINE void scan_state(const ChunkInputs& in, const float* __restrict a_n, const T* b_row, const T* c_row,
                                int64_t len, float* __restrict h, float* __restrict y, float* __restrict history) {
   const float* __restrict delta = in.delta.data();
   const float* __restrict delta_u = in.delta_u.data();
@@ -109,7 +102,7 @@ FASTLLM_INLINE void scan_state(const ChunkInputs& in, const float* __restrict a_
 // dL/dh_{t-1} = a_t g is carried on; dh holds the carry entering (from the next chunk) and leaving.
 // history: slot 0 the state entering the chunk, slot t + 1 the state h_t.
 template <typename T>
-FASTLLM_INLINE void reverse_state(const ChunkInputs& in, const float* __restrict a_n, const T* b_row, const T* c_row,
+FASTLLM_ALWAYS_INLINE void reverse_state(const ChunkInputs& in, const float* __restrict a_n, const T* b_row, const T* c_row,
                                   int64_t len, const float* __restrict history, const float* __restrict dy,
                                   float* __restrict dh, float* __restrict dA_n, float* __restrict du,
                                   float* __restrict ddelta, float* __restrict dB_row, float* __restrict dC_row) {
@@ -168,7 +161,7 @@ TileParams tile_params(const ScanArgs& a, const Tile& tile) {
 }
 
 template <typename T>
-FASTLLM_INLINE void forward_tile(const ScanArgs& a, const ScanForwardOut& o, const Tile& tile) {
+FASTLLM_ALWAYS_INLINE void forward_tile(const ScanArgs& a, const ScanForwardOut& o, const Tile& tile) {
   const int64_t N = a.nstate, L = a.length, chunks = a.num_chunks();
   T* out = static_cast<T*>(o.out);
   TileParams p = tile_params(a, tile);
@@ -194,7 +187,7 @@ FASTLLM_INLINE void forward_tile(const ScanArgs& a, const ScanForwardOut& o, con
 }
 
 template <typename T>
-FASTLLM_INLINE void backward_tile(const ScanArgs& a, const ScanBackwardArgs& gr, const Tile& tile) {
+FASTLLM_ALWAYS_INLINE void backward_tile(const ScanArgs& a, const ScanBackwardArgs& gr, const Tile& tile) {
   const int64_t N = a.nstate, L = a.length, chunks = a.num_chunks();
   const int64_t tiles = cpu_tiles_per_group(a.dim, a.groups);
   const T* z = static_cast<const T*>(a.z);
@@ -278,27 +271,18 @@ FASTLLM_INLINE void backward_tile(const ScanArgs& a, const ScanBackwardArgs& gr,
   }
 }
 
-template <typename T>
-void forward_tile_baseline(const ScanArgs& a, const ScanForwardOut& o, const Tile& t) { forward_tile<T>(a, o, t); }
-template <typename T>
-void backward_tile_baseline(const ScanArgs& a, const ScanBackwardArgs& g, const Tile& t) { backward_tile<T>(a, g, t); }
-
-#if defined(FASTLLM_X86_DISPATCH)
-template <typename T>
-__attribute__((target("avx2,fma"))) void forward_tile_avx2(const ScanArgs& a, const ScanForwardOut& o, const Tile& t) {
-  forward_tile<T>(a, o, t);
-}
-template <typename T>
-__attribute__((target("avx2,fma"))) void backward_tile_avx2(const ScanArgs& a, const ScanBackwardArgs& g,
-                                                             const Tile& t) {
-  backward_tile<T>(a, g, t);
-}
-
-bool cpu_has_avx2_fma() {
-  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return supported;
-}
-#endif
+// The tile loops, compiled per instruction set (common/cpu_utils.h) with everything they call inlined.
+#define FASTLLM_SCAN_TILES(SUFFIX, T)                                                                     \
+  FASTLLM_CPU_CLONES void forward_tile_##SUFFIX(const ScanArgs& a, const ScanForwardOut& o, const Tile& t) {   \
+    forward_tile<T>(a, o, t);                                                                             \
+  }                                                                                                       \
+  FASTLLM_CPU_CLONES void backward_tile_##SUFFIX(const ScanArgs& a, const ScanBackwardArgs& g, const Tile& t) { \
+    backward_tile<T>(a, g, t);                                                                            \
+  }
+FASTLLM_SCAN_TILES(f32, float)
+FASTLLM_SCAN_TILES(bf16, bfloat16)
+FASTLLM_SCAN_TILES(f16, float16)
+#undef FASTLLM_SCAN_TILES
 
 template <typename Fn>
 void for_each_tile(const ScanArgs& a, int num_threads, Fn fn) {
@@ -310,40 +294,22 @@ void for_each_tile(const ScanArgs& a, int num_threads, Fn fn) {
   for (int64_t task = 0; task < tasks; ++task) fn(tile_of(a, task));
 }
 
-template <typename T>
-void forward(const ScanArgs& a, const ScanForwardOut& o, int num_threads) {
-  auto tile_fn = &forward_tile_baseline<T>;
-#if defined(FASTLLM_X86_DISPATCH)
-  if (cpu_has_avx2_fma()) tile_fn = &forward_tile_avx2<T>;
-#endif
-  for_each_tile(a, num_threads, [&](const Tile& t) { tile_fn(a, o, t); });
-}
-
-template <typename T>
-void backward(const ScanArgs& a, const ScanBackwardArgs& g, int num_threads) {
-  auto tile_fn = &backward_tile_baseline<T>;
-#if defined(FASTLLM_X86_DISPATCH)
-  if (cpu_has_avx2_fma()) tile_fn = &backward_tile_avx2<T>;
-#endif
-  for_each_tile(a, num_threads, [&](const Tile& t) { tile_fn(a, g, t); });
-}
-
 }  // namespace
 
 void selective_scan_fwd_cpu(const ScanArgs& args, const ScanForwardOut& out, int dtype, int num_threads) {
   switch (static_cast<DType>(dtype)) {
-    case DType::Float32: return forward<float>(args, out, num_threads);
-    case DType::BFloat16: return forward<bfloat16>(args, out, num_threads);
-    case DType::Float16: return forward<float16>(args, out, num_threads);
+    case DType::Float32: return for_each_tile(args, num_threads, [&](const Tile& t) { forward_tile_f32(args, out, t); });
+    case DType::BFloat16: return for_each_tile(args, num_threads, [&](const Tile& t) { forward_tile_bf16(args, out, t); });
+    case DType::Float16: return for_each_tile(args, num_threads, [&](const Tile& t) { forward_tile_f16(args, out, t); });
   }
   unsupported_dtypes("selective_scan", dtype, dtype);
 }
 
 void selective_scan_bwd_cpu(const ScanArgs& args, const ScanBackwardArgs& grads, int dtype, int num_threads) {
   switch (static_cast<DType>(dtype)) {
-    case DType::Float32: return backward<float>(args, grads, num_threads);
-    case DType::BFloat16: return backward<bfloat16>(args, grads, num_threads);
-    case DType::Float16: return backward<float16>(args, grads, num_threads);
+    case DType::Float32: return for_each_tile(args, num_threads, [&](const Tile& t) { backward_tile_f32(args, grads, t); });
+    case DType::BFloat16: return for_each_tile(args, num_threads, [&](const Tile& t) { backward_tile_bf16(args, grads, t); });
+    case DType::Float16: return for_each_tile(args, num_threads, [&](const Tile& t) { backward_tile_f16(args, grads, t); });
   }
   unsupported_dtypes("selective_scan", dtype, dtype);
 }

@@ -15,7 +15,8 @@ import torch
 
 from fastllm.ops import _backend
 from fastllm.ops._validate import check_same_device, check_same_dtype, check_shape, check_tensor
-from fastllm.ops.selective_scan_ref import compute_dtype, selective_scan_reference
+from fastllm.ops.selective_scan_ref import (compute_dtype, selective_scan_backward_reference,
+                                             selective_scan_reference)
 from fastllm.profiling import nvtx_range
 
 SCAN_CHUNK = 256  # kScanChunk in csrc/selective_scan/selective_scan.h
@@ -45,20 +46,9 @@ def _reference_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, delta
 
 
 def _reference_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
-    with torch.enable_grad():
-        inputs = [None if t is None else t.detach().requires_grad_() for t in
-                  (u, delta, A, B, C, D, z, delta_bias, initial_state)]
-        if inputs[8] is None:  # the gradient of a zero initial state is still returned
-            inputs[8] = u.new_zeros(u.shape[0], u.shape[1], A.shape[1],
-                                    dtype=compute_dtype(u, delta, A, B, C, D)).requires_grad_()
-        out, last = selective_scan_reference(*inputs[:5], inputs[5], inputs[6], inputs[7], delta_softplus, True,
-                                             inputs[8])
-        wanted = [t for t in inputs if t is not None]
-        grads = torch.autograd.grad((out, last), wanted, (dout, dlast_state), allow_unused=True)
-    by_input = dict(zip(map(id, wanted), grads))
-    result = [None if t is None else by_input[id(t)] for t in inputs]
-    result = [torch.zeros_like(t) if g is None and t is not None else g for g, t in zip(result, inputs)]
-    return _pack_grads(u, A, B, C, result)
+    grads = selective_scan_backward_reference(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
+                                              delta_softplus, initial_state)
+    return _pack_grads(u, A, B, C, grads)
 
 
 def _pack_grads(u, A, B, C, grads):

@@ -88,3 +88,54 @@ def selective_scan_parallel(u, delta, A, B, C, D=None, z=None, delta_bias=None, 
     last = b[..., -1] if length > 0 else (initial_state.to(dtype) if initial_state is not None
                                           else u32.new_zeros(u.shape[0], u.shape[1], A.shape[1]))
     return out, last
+
+
+def selective_scan_backward_reference(dout, dlast_state, u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                                      delta_softplus=False, initial_state=None):
+    """Gradients of (out, last_state) by the reverse recurrence g_t = C_t dy_t + exp(delta'_{t+1} A) g_{t+1}
+    (g = dL/dh_t), written out in PyTorch. Returns (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias,
+    dinitial_state) in the inputs' dtypes, None for absent optional inputs (dinitial_state always)."""
+    dtype = compute_dtype(u, delta, A, B, C, D)
+    batch, dim, length = u.shape
+    u32, A32 = u.to(dtype), A.to(dtype)
+    raw = delta.to(dtype) + (delta_bias.to(dtype)[:, None] if delta_bias is not None else 0)
+    dt = F.softplus(raw) if delta_softplus else raw
+    Bc, Cc = _per_channel(B.to(dtype), dim), _per_channel(C.to(dtype), dim)
+    decay = torch.exp(dt.unsqueeze(2) * A32[:, :, None])  # (batch, dim, N, L)
+    drive = (dt * u32).unsqueeze(2) * Bc
+    h = initial_state.to(dtype) if initial_state is not None else u32.new_zeros(batch, dim, A.shape[1])
+    states = [h]  # states[t + 1] = h_t
+    for t in range(length):
+        h = decay[..., t] * h + drive[..., t]
+        states.append(h)
+    states = torch.stack(states, dim=-1)
+    y = (states[..., 1:] * Cc).sum(2)
+    dout = dout.to(dtype)
+    dz = None
+    if z is not None:
+        z32 = z.to(dtype)
+        sig = torch.sigmoid(z32)
+        y_gated = y + (u32 * D.to(dtype)[:, None] if D is not None else 0)
+        dz = (dout * y_gated * sig * (1 + z32 * (1 - sig))).to(z.dtype)
+        dout = dout * z32 * sig
+    g = dlast_state.to(dtype) if dlast_state is not None else torch.zeros_like(h)
+    grads_h = [None] * length
+    for t in reversed(range(length)):
+        g = g + Cc[..., t] * dout[:, :, None, t]
+        grads_h[t] = g
+        g = decay[..., t] * g
+    gh = torch.stack(grads_h, dim=-1) if length else decay  # (batch, dim, N, L)
+    g_log_decay = gh * decay * states[..., :-1]
+    du = (gh * dt.unsqueeze(2) * Bc).sum(2) + (dout * D.to(dtype)[:, None] if D is not None else 0)
+    ddt = (gh * u32.unsqueeze(2) * Bc + g_log_decay * A32[:, :, None]).sum(2)
+    draw = ddt * torch.sigmoid(raw) if delta_softplus else ddt
+    groups = B.shape[1] if B.dim() == 4 else 1
+
+    def per_group(x):  # (batch, dim, N, L) -> B's shape
+        x = x.reshape(batch, groups, dim // groups, *x.shape[2:]).sum(2)
+        return x if B.dim() == 4 else x[:, 0]
+
+    return (du.to(u.dtype), draw.to(delta.dtype), (g_log_decay * dt.unsqueeze(2)).sum((0, 3)).to(A.dtype),
+            per_group(gh * (dt * u32).unsqueeze(2)).to(B.dtype), per_group(dout.unsqueeze(2) * states[..., 1:]).to(C.dtype),
+            (dout * u32).sum((0, 2)).to(D.dtype) if D is not None else None, dz,
+            draw.sum((0, 2)).to(delta_bias.dtype) if delta_bias is not None else None, g)

@@ -3,7 +3,8 @@ import torch
 
 from fastllm.ops import _backend, use_backend
 from fastllm.ops.selective_scan import SCAN_CHUNK, selective_scan
-from fastllm.ops.selective_scan_ref import selective_scan_parallel, selective_scan_reference
+from fastllm.ops.selective_scan_ref import (selective_scan_backward_reference, selective_scan_parallel,
+                                             selective_scan_reference)
 from fastllm.testing import BACKWARD_FACTOR, assert_error_ratio, requires_cuda
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
@@ -105,6 +106,20 @@ def test_reference_backend_and_parallel_scan_agree():
     torch.testing.assert_close(last, ref_last, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(par_out, seq_out, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(par_last, seq_last, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("z,groups", [(True, 2), (False, None)])
+def test_backward_reference_equals_autograd(z, groups):
+    inputs, softplus = make_inputs(2, 4, 13, 3, groups=groups, z=z)
+    out, last, leaves = run(selective_scan_reference, inputs, softplus, torch.float64, grad=True)
+    dout, dlast = torch.randn_like(out), torch.randn_like(last)
+    wanted = [leaves[k] for k in NAMES if leaves[k] is not None]
+    expected = dict(zip([k for k in NAMES if leaves[k] is not None],
+                        torch.autograd.grad((out, last), wanted, (dout, dlast))))
+    args = {k: v.detach() if v is not None else None for k, v in leaves.items()}
+    got = dict(zip(NAMES, selective_scan_backward_reference(dout, dlast, **args, delta_softplus=softplus)))
+    for name, grad in expected.items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-10, atol=1e-10, msg=name)
 
 
 def test_chunk_size_matches_compiled_module():
