@@ -34,9 +34,10 @@ def test_steps_equal_the_scan(groups, nstate, device="cpu"):
     state = s["initial_state"].clone()
     stepped = step_through(selective_state_update, s, state)
     out, last = selective_scan(**s, delta_softplus=True, return_last_state=True)
-    # Same per-position math as the CPU scan; the CUDA scan composes maps over a warp, hence the tolerance.
-    torch.testing.assert_close(stepped, out, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(state, last, rtol=1e-5, atol=1e-5)
+    # Same per-position math as the CPU scan; the CUDA scan composes maps over a warp (other rounding).
+    tol = 1e-5 if device == "cpu" else 1e-4
+    torch.testing.assert_close(stepped, out, rtol=tol, atol=tol)
+    torch.testing.assert_close(state, last, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
