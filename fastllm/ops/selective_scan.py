@@ -5,7 +5,8 @@
 CPU, CUDA) walk L in chunks of SCAN_CHUNK positions with the state carried across chunks, save the
 state at every chunk end, and the backward recomputes each chunk from the saved state before it, so
 memory stays O(batch dim N L / SCAN_CHUNK). u, delta, z, B, C share one dtype (float32, float16,
-bfloat16; arithmetic in float32); A, D, delta_bias, initial_state are float32. float64 inputs (and
+bfloat16; arithmetic in float32); A, D, delta_bias, initial_state are float32 (half-precision ones are
+cast). float64 inputs (and
 FASTLLM_BACKEND=reference) run the pure-PyTorch reference.
 """
 
@@ -23,7 +24,7 @@ SCAN_CHUNK = 256  # kScanChunk in csrc/selective_scan/selective_scan.h
 MAX_STATES = 256
 CPU_LANES = 8  # kCpuLanes: channels per CPU task
 INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-PARAM_DTYPES = (torch.float32, torch.float64)
+PARAM_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)  # half ones are cast to float32
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -268,6 +269,11 @@ def _validate(u, delta, A, B, C, D, z, delta_bias, initial_state):
     check_same_device(named)
 
 
+def as_float32_param(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A, D, biases and states are float32 in the kernels; half-precision ones are cast (differentiably)."""
+    return t.float() if t is not None and t.dtype in (torch.bfloat16, torch.float16) else t
+
+
 def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                    D: torch.Tensor | None = None, z: torch.Tensor | None = None,
                    delta_bias: torch.Tensor | None = None, delta_softplus: bool = False,
@@ -280,6 +286,7 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
     every tensor argument, including the last state.
     """
     _validate(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    A, D, delta_bias, initial_state = map(as_float32_param, (A, D, delta_bias, initial_state))
     grouped = B.dim() == 4
     with nvtx_range("fastllm.selective_scan"):
         out, chunk_states = _scan_fwd(u, delta, A, B if grouped else B.unsqueeze(1), C if grouped else C.unsqueeze(1),

@@ -4,7 +4,7 @@
 and the step's output (batch, dim) returned. The kernels (C++ CPU, CUDA) use the selective scan's
 per-position math (csrc/selective_scan/selective_scan.h), so stepping through a sequence reproduces
 ``selective_scan``. x, dt, z, B, C share one dtype (float32, float16, bfloat16); A, D, dt_bias and
-the state are float32. float64 (and FASTLLM_BACKEND=reference) runs the pure-PyTorch reference.
+the state are float32 (half-precision A, D, dt_bias are cast). float64 (and FASTLLM_BACKEND=reference) runs the pure-PyTorch reference.
 Inference only: not differentiable.
 """
 
@@ -14,7 +14,7 @@ import torch
 
 from fastllm.ops import _backend
 from fastllm.ops._validate import check_same_device, check_same_dtype, check_shape, check_tensor
-from fastllm.ops.selective_scan import INPUT_DTYPES, KERNEL_DTYPES, MAX_STATES, PARAM_DTYPES
+from fastllm.ops.selective_scan import INPUT_DTYPES, KERNEL_DTYPES, MAX_STATES, PARAM_DTYPES, as_float32_param
 from fastllm.ops.selective_state_update_ref import selective_state_update_reference
 from fastllm.profiling import nvtx_range
 
@@ -74,7 +74,7 @@ def _validate(state, x, dt, A, B, C, D, z, dt_bias):
     if A.shape[0] != dim or not 1 <= A.shape[1] <= MAX_STATES:
         raise ValueError(f"A must have shape (dim={dim}, N) with 1 <= N <= {MAX_STATES}, got {tuple(A.shape)}")
     nstate = A.shape[1]
-    check_tensor("state", state, dtypes=PARAM_DTYPES)
+    check_tensor("state", state, dtypes=(torch.float32, torch.float64))
     check_shape("state", state, (batch, dim, nstate), "(batch, dim, N)")
     check_tensor("dt", dt)
     named = [("x", x), ("state", state), ("A", A)]
@@ -115,6 +115,7 @@ def selective_state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tenso
     (batch, groups, N); D, dt_bias: (dim,).
     """
     _validate(state, x, dt, A, B, C, D, z, dt_bias)
+    A, D, dt_bias = map(as_float32_param, (A, D, dt_bias))
     grouped = B.dim() == 3
     with nvtx_range("fastllm.selective_state_update"):
         return _state_update(state, x, dt, A, B if grouped else B.unsqueeze(1), C if grouped else C.unsqueeze(1),
