@@ -289,7 +289,10 @@ void for_each_tile(const ScanArgs& a, int num_threads, Fn fn) {
   const int64_t tasks = a.batch * a.groups * cpu_tiles_per_group(a.dim, a.groups);
   (void)num_threads;
 #if defined(FASTLLM_WITH_OPENMP)
-#pragma omp parallel for schedule(dynamic) num_threads(num_threads)
+  // Small scans stay on one thread: waking a team costs tens of microseconds, milliseconds on a
+  // busy machine.
+  const bool parallel = a.batch * a.dim * a.length * a.nstate >= (int64_t(1) << 18);
+#pragma omp parallel for schedule(dynamic) num_threads(num_threads) if (parallel)
 #endif
   for (int64_t task = 0; task < tasks; ++task) fn(tile_of(a, task));
 }

@@ -5,12 +5,15 @@
 namespace fastllm {
 namespace {
 
+constexpr int64_t kParallelStates = int64_t(1) << 18;
+
 template <typename T>
 void run(const StateUpdateArgs& a, int num_threads) {
   const int64_t rows = a.batch * a.dim;
   (void)num_threads;
 #if defined(FASTLLM_WITH_OPENMP)
-#pragma omp parallel for schedule(static) num_threads(num_threads)
+  // A decoding step is microseconds of work: waking a thread team would cost more than it saves.
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (rows * a.nstate >= kParallelStates)
 #endif
   for (int64_t row = 0; row < rows; ++row) {
     const int64_t b = row / a.dim, d = row % a.dim;
