@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-models = pytest.importorskip("fastllm.models.llama", reason="needs the stack branch's Transformer LM")
+pytest.importorskip("fastllm.models.llama", reason="needs the stack branch's Transformer LM")
 from fastllm.models import generate  # noqa: E402
 from fastllm.models.llama import LlamaConfig, LlamaLM  # noqa: E402
 from fastllm.models.mamba import MambaConfig, MambaLM  # noqa: E402
@@ -21,7 +21,8 @@ DIM, TRANSFORMER_LAYERS, VOCAB, PROMPT, NEW_TOKENS = 1024, 12, 32000, 16, 1024
 
 def build(kind: str) -> torch.nn.Module:
     if kind == "fastllm_mamba":
-        config = MambaConfig(vocab_size=VOCAB, dim=DIM, n_layers=2 * TRANSFORMER_LAYERS, max_seq_len=PROMPT + NEW_TOKENS)
+        config = MambaConfig(vocab_size=VOCAB, dim=DIM, n_layers=2 * TRANSFORMER_LAYERS,
+                             max_seq_len=PROMPT + NEW_TOKENS)
         return MambaLM(config)
     config = LlamaConfig(vocab_size=VOCAB, dim=DIM, n_layers=TRANSFORMER_LAYERS, n_heads=16,
                          max_seq_len=PROMPT + NEW_TOKENS)

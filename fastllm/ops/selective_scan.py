@@ -99,8 +99,9 @@ def _kernel_backward(launch, per_tile_dBC: bool, dout, dlast_state, u, delta, A,
     dout = dout.contiguous()
     dlast_state = dlast_state.contiguous()
     chunk_states = chunk_states.contiguous()
-    du, ddelta = torch.empty_like(u, memory_format=torch.contiguous_format), torch.empty_like(u, memory_format=torch.contiguous_format)
-    dz = torch.empty_like(u, memory_format=torch.contiguous_format) if z is not None else u.new_empty(0)
+    like_u = lambda: torch.empty_like(u, memory_format=torch.contiguous_format)  # noqa: E731
+    du, ddelta = like_u(), like_u()
+    dz = like_u() if z is not None else u.new_empty(0)
     dA = torch.empty(batch, dim, nstate, **f32)
     dD = torch.empty(batch, dim, **f32)
     dbias = torch.empty(batch, dim, **f32)

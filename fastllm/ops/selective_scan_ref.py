@@ -136,6 +136,7 @@ def selective_scan_backward_reference(dout, dlast_state, u, delta, A, B, C, D=No
         return x if B.dim() == 4 else x[:, 0]
 
     return (du.to(u.dtype), draw.to(delta.dtype), (g_log_decay * dt.unsqueeze(2)).sum((0, 3)).to(A.dtype),
-            per_group(gh * (dt * u32).unsqueeze(2)).to(B.dtype), per_group(dout.unsqueeze(2) * states[..., 1:]).to(C.dtype),
+            per_group(gh * (dt * u32).unsqueeze(2)).to(B.dtype),
+            per_group(dout.unsqueeze(2) * states[..., 1:]).to(C.dtype),
             (dout * u32).sum((0, 2)).to(D.dtype) if D is not None else None, dz,
             draw.sum((0, 2)).to(delta_bias.dtype) if delta_bias is not None else None, g)

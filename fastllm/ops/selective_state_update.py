@@ -4,7 +4,8 @@
 and the step's output (batch, dim) returned. The kernels (C++ CPU, CUDA) use the selective scan's
 per-position math (csrc/selective_scan/selective_scan.h), so stepping through a sequence reproduces
 ``selective_scan``. x, dt, z, B, C share one dtype (float32, float16, bfloat16); A, D, dt_bias and
-the state are float32 (half-precision A, D, dt_bias are cast). float64 (and FASTLLM_BACKEND=reference) runs the pure-PyTorch reference.
+the state are float32 (half-precision A, D, dt_bias are cast). float64 (and FASTLLM_BACKEND=reference)
+runs the pure-PyTorch reference.
 Inference only: not differentiable.
 """
 
