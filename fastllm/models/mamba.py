@@ -75,6 +75,30 @@ class MambaConfig:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
+    @classmethod
+    def from_hf_config(cls, hf: dict) -> "MambaConfig":
+        """The config of a Hugging Face MambaForCausalLM (its config.json as a dict); the weights then
+        load by name. Checkpoints with projection biases or without a conv bias are refused."""
+        if hf.get("model_type") != "mamba":
+            raise ValueError(f"expected a Hugging Face config with model_type 'mamba', got {hf.get('model_type')!r}")
+        if hf.get("use_bias", False) or not hf.get("use_conv_bias", True) or hf.get("hidden_act", "silu") != "silu":
+            raise ValueError("only Mamba checkpoints without projection biases, with a conv bias and silu are supported")
+        rank = hf.get("time_step_rank", "auto")
+        return cls(vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+                   d_state=hf.get("state_size", 16), d_conv=hf.get("conv_kernel", 4), expand=hf.get("expand", 2),
+                   dt_rank=None if rank == "auto" else rank, norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                   tie_embeddings=hf.get("tie_word_embeddings", True),
+                   init_std=hf.get("initializer_range", 0.02))
+
+    def to_hf_config(self) -> dict:
+        """The Hugging Face config.json contents for this model (MambaForCausalLM)."""
+        return {"architectures": ["MambaForCausalLM"], "model_type": "mamba", "vocab_size": self.vocab_size,
+                "hidden_size": self.dim, "num_hidden_layers": self.n_layers, "state_size": self.d_state,
+                "conv_kernel": self.d_conv, "expand": self.expand, "intermediate_size": self.d_inner,
+                "time_step_rank": self.dt_rank, "layer_norm_epsilon": self.norm_eps, "use_bias": False,
+                "use_conv_bias": True, "hidden_act": "silu", "tie_word_embeddings": self.tie_embeddings,
+                "initializer_range": self.init_std, "residual_in_fp32": True}
+
 
 class _Backbone(nn.Module):
     def __init__(self, c: MambaConfig):

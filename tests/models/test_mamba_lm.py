@@ -82,6 +82,17 @@ def test_config_and_model_interface():
         model(ids, cache=cache)
 
 
+def test_hugging_face_config_round_trip():
+    config = MambaConfig(vocab_size=61, dim=48, n_layers=3, d_state=8, tie_embeddings=False)
+    hf = config.to_hf_config()
+    assert hf["time_step_rank"] == 3 and hf["intermediate_size"] == 96
+    assert MambaConfig.from_hf_config(hf) == config
+    assert MambaConfig.from_hf_config({**hf, "time_step_rank": "auto"}).dt_rank == 3
+    for bad in ({"model_type": "llama"}, {"use_bias": True}, {"use_conv_bias": False}):
+        with pytest.raises(ValueError):
+            MambaConfig.from_hf_config({**hf, **bad})
+
+
 @requires_cuda
 def test_cuda_decoding_equals_full_forward():
     test_decoding_equals_full_forward(True, device="cuda", dtype=torch.float32, tol=2e-3)
