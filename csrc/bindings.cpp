@@ -41,4 +41,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("build_info", &build_info, "What this build contains: OpenMP, CUDA and its architectures.");
   fastllm::bind_ademamix(m);
   fastllm::bind_xielu(m);
+  fastllm::bind_selective_scan(m);
 }

@@ -9,10 +9,12 @@
 from fastllm.models.apertus import ApertusConfig, ApertusLM
 from fastllm.models.generate import generate, sample_next
 from fastllm.models.hf import from_pretrained, save_pretrained
+from fastllm.models.hybrid import HybridConfig, HybridLM
 from fastllm.models.llama import LlamaConfig, LlamaLM
+from fastllm.models.mamba import MambaConfig, MambaLM
 from fastllm.models.registry import build_model, config_from_dict, model_names, register_model
 from fastllm.models.transformer import TransformerConfig, TransformerLM
 
-__all__ = ["ApertusConfig", "ApertusLM", "LlamaConfig", "LlamaLM", "TransformerConfig", "TransformerLM",
+__all__ = ["ApertusConfig", "ApertusLM", "HybridConfig", "HybridLM", "LlamaConfig", "LlamaLM", "MambaConfig", "MambaLM", "TransformerConfig", "TransformerLM",
            "build_model", "config_from_dict", "from_pretrained", "generate", "model_names", "register_model",
            "sample_next", "save_pretrained"]

@@ -14,6 +14,9 @@ import torch
 from fastllm.ops import _backend
 from fastllm.ops._backend import build_info, current_backend, use_backend
 from fastllm.ops.ademamix import ademamix_step_
+from fastllm.ops.causal_conv1d import causal_conv1d, causal_conv1d_update
+from fastllm.ops.selective_scan import selective_scan
+from fastllm.ops.selective_state_update import selective_state_update
 from fastllm.ops.xielu import has_cpp_kernels as _xielu_has_cpp
 from fastllm.ops.xielu import xielu
 
@@ -22,25 +25,33 @@ def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def _compiled(launcher: str) -> bool:
+    return _backend._C is not None and hasattr(_backend._C, launcher)
+
+
 def available() -> dict:
     """The compiled module's contents and the implementation each op will use per device."""
-    info = build_info()
     reference = current_backend() == "reference"
-    cuda_kernel = "reference" if reference else ("cuda" if _backend.has_cuda_kernels() else "reference")
+
+    def pick(cpu: str, cuda: str) -> dict:
+        return {"cpu": "reference" if reference else cpu, "cuda": "reference" if reference else cuda}
+
+    cpp = "cpp" if _backend.has_cpu_kernels() else "reference"
+    triton = "triton" if _triton_installed() else "torch-fp32"
     return {
         "backend": current_backend(),
-        "build": info,
+        "build": build_info(),
         "triton": _triton_installed(),
         "torch_cuda": torch.cuda.is_available(),
         "ops": {
-            "ademamix_step_": {
-                "cpu": "reference" if reference or not _backend.has_cpu_kernels() else "cpp",
-                "cuda": cuda_kernel,
-            },
-            "xielu": {"cpu": "reference" if reference else ("cpp" if _xielu_has_cpp() else "torch-fp32"),
-                      "cuda": "reference" if reference else ("triton" if _triton_installed() else "torch-fp32")},
+            "ademamix_step_": pick(cpp, "cuda" if _compiled("ademamix_step_cuda") else "reference"),
+            "xielu": pick("cpp" if _xielu_has_cpp() else "torch-fp32", triton),
+            "selective_scan": pick(cpp, "cuda" if _compiled("selective_scan_fwd_cuda") else "reference"),
+            "selective_state_update": pick(cpp, "cuda" if _compiled("selective_state_update_cuda") else "reference"),
+            "causal_conv1d": pick("torch", "torch"),
         },
     }
 
 
-__all__ = ["ademamix_step_", "available", "build_info", "current_backend", "use_backend", "xielu"]
+__all__ = ["ademamix_step_", "available", "build_info", "causal_conv1d", "causal_conv1d_update", "current_backend",
+           "selective_scan", "selective_state_update", "use_backend", "xielu"]

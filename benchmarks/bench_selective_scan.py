@@ -1,0 +1,155 @@
+"""Selective scan: fastllm's kernels against the sequential PyTorch reference and a log-depth
+parallel-scan PyTorch implementation (forward, and forward + backward), on CPU and GPU; the decoding
+step; the causal conv1d choice (torch's convolution against shift-and-add).
+
+Targets (issue 5): on the 2-core CPU >= 20x the sequential reference at batch 2, dim 256, L 512,
+N 16; on GPU, bf16 batch 8, dim 2048, L 2048, N 16 (variable B/C, z, delta_bias, softplus),
+forward <= 0.40 ms and backward <= 1.5 ms on an H200, reported with the bandwidth floor.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastllm.ops.selective_scan import num_chunks, selective_scan
+from fastllm.ops.selective_scan_ref import selective_scan_parallel, selective_scan_reference
+from fastllm.ops.selective_state_update import selective_state_update
+from fastllm.ops.selective_state_update_ref import selective_state_update_reference
+
+# Peak DRAM bandwidth (bytes/s) for the bandwidth floor, by device name.
+PEAK_BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12}
+
+
+def scan_inputs(batch, dim, length, nstate, dtype, device):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    rand = lambda *s: torch.randn(*s, generator=g).to(device)  # noqa: E731
+    return dict(u=rand(batch, dim, length).to(dtype), delta=(rand(batch, dim, length) * 0.5 - 1).to(dtype),
+                A=-(torch.rand(dim, nstate, generator=g) * 2 + 0.3).to(device),
+                B=rand(batch, 1, nstate, length).to(dtype), C=rand(batch, 1, nstate, length).to(dtype),
+                D=rand(dim), z=rand(batch, dim, length).to(dtype), delta_bias=rand(dim) * 0.3)
+
+
+def scan_bytes(batch, dim, length, nstate, dtype, backward=False):
+    """Compulsory DRAM traffic: forward reads u, delta, z, B, C and writes out + chunk states; the
+    backward reads those inputs, dout and the states, and writes du, ddelta, dz, dB, dC."""
+    e = torch.finfo(dtype).bits // 8
+    per_channel = batch * dim * length * e
+    per_bc = batch * nstate * length * e
+    states = batch * dim * num_chunks(length) * nstate * 4
+    if not backward:
+        return 4 * per_channel + 2 * per_bc + states
+    return 7 * per_channel + 4 * per_bc + states
+
+
+IMPLEMENTATIONS = {
+    "fastllm": selective_scan,
+    "sequential_reference": selective_scan_reference,
+    "parallel_scan_pytorch": selective_scan_parallel,
+}
+
+
+def _forward(fn, x):
+    return lambda: fn(**x, delta_softplus=True)
+
+
+def _forward_backward(fn, x):
+    leaves = {k: v.detach().requires_grad_() for k, v in x.items()}
+
+    def run():
+        out = fn(**leaves, delta_softplus=True)
+        out.backward(torch.ones_like(out))
+    return run
+
+
+CPU_CASES = [("forward", impl) for impl in IMPLEMENTATIONS] + [
+    # The sequential reference's autograd over 512 steps takes most of a minute per call: left out.
+    ("forward_backward", "fastllm"), ("forward_backward", "parallel_scan_pytorch")]
+
+
+@pytest.mark.parametrize("mode,impl", CPU_CASES)
+def test_cpu_scan(timer, impl, mode):
+    shape = (2, 256, 512, 16)
+    x = scan_inputs(*shape, torch.float32, "cpu")
+    make = _forward if mode == "forward" else _forward_backward
+    rounds = 3 if impl != "fastllm" or mode == "forward_backward" else 10
+    timer(make(IMPLEMENTATIONS[impl], x), group=f"selective_scan cpu {mode} b2 d256 L512 N16", name=impl,
+          device="cpu", bytes_moved=scan_bytes(*shape, torch.float32, mode != "forward"), rounds=rounds, warmup=1)
+
+
+GPU_SHAPE = (8, 2048, 2048, 16)
+
+
+def _floor_ms(bytes_moved: float) -> float | None:
+    name = torch.cuda.get_device_name()
+    peak = next((v for k, v in PEAK_BANDWIDTH.items() if k in name), None)
+    return None if peak is None else bytes_moved / peak * 1e3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("impl", ["fastllm", "parallel_scan_pytorch", "sequential_reference"])
+def test_cuda_scan_forward(timer, benchmark, impl):
+    x = scan_inputs(*GPU_SHAPE, torch.bfloat16, "cuda")
+    bytes_moved = scan_bytes(*GPU_SHAPE, torch.bfloat16)
+    rounds = 20 if impl == "fastllm" else 3
+    timer(_forward(IMPLEMENTATIONS[impl], x), group="selective_scan cuda forward bf16 b8 d2048 L2048 N16",
+          name=impl, device="cuda", bytes_moved=bytes_moved, rounds=rounds, warmup=1)
+    benchmark.extra_info["bandwidth_floor_ms"] = _floor_ms(bytes_moved)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("impl", ["fastllm", "parallel_scan_pytorch"])
+def test_cuda_scan_backward(timer, benchmark, impl):
+    """The backward alone: the forward runs once, outside the timed region."""
+    x = scan_inputs(*GPU_SHAPE, torch.bfloat16, "cuda")
+    leaves = {k: v.detach().requires_grad_() for k, v in x.items()}
+    try:  # the parallel scan's autograd keeps every doubling step: tens of GB at this shape
+        out = IMPLEMENTATIONS[impl](**leaves, delta_softplus=True)
+    except torch.OutOfMemoryError:
+        pytest.skip(f"{impl} backward does not fit in GPU memory at this shape")
+    dout = torch.randn_like(out)
+    bytes_moved = scan_bytes(*GPU_SHAPE, torch.bfloat16, backward=True)
+    timer(lambda: torch.autograd.grad(out, list(leaves.values()), dout, retain_graph=True),
+          group="selective_scan cuda backward bf16 b8 d2048 L2048 N16", name=impl, device="cuda",
+          bytes_moved=bytes_moved, rounds=10, warmup=1)
+    benchmark.extra_info["bandwidth_floor_ms"] = _floor_ms(bytes_moved)
+
+
+@pytest.mark.parametrize("impl", ["fastllm", "reference"])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_state_update(timer, impl, device):
+    batch, dim, nstate = (64, 2048, 16) if device == "cuda" else (8, 512, 16)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    x = scan_inputs(batch, dim, 1, nstate, dtype, device)
+    state = torch.randn(batch, dim, nstate, device=device)
+    fn = selective_state_update if impl == "fastllm" else selective_state_update_reference
+    e = torch.finfo(dtype).bits // 8
+    timer(lambda: fn(state, x["u"][..., 0], x["delta"][..., 0], x["A"], x["B"][..., 0, :, 0], x["C"][..., 0, :, 0],
+                     x["D"], x["z"][..., 0], x["delta_bias"], True),
+          group=f"selective_state_update {device} b{batch} d{dim} N{nstate}", name=impl, device=device,
+          bytes_moved=2 * state.numel() * 4 + 4 * batch * dim * e, rounds=50, warmup=5)
+
+
+def _conv_torch(x, w, b):
+    return F.conv1d(F.pad(x, (w.shape[1] - 1, 0)), w.unsqueeze(1), b, groups=x.shape[1])
+
+
+def _conv_shift_add(x, w, b):
+    width, length = w.shape[1], x.shape[2]
+    xp = F.pad(x, (width - 1, 0))
+    y = b[:, None] + w[:, 0, None] * xp[..., :length]
+    for k in range(1, width):
+        y = y + w[:, k, None] * xp[..., k:k + length]
+    return y
+
+
+@pytest.mark.parametrize("impl", ["fastllm_torch_conv1d", "shift_add"])
+def test_causal_conv1d_cpu(timer, impl):
+    """Why fastllm.ops.causal_conv1d uses torch's convolution: forward + backward against shift-and-add."""
+    x = torch.randn(2, 512, 512, requires_grad=True)
+    w, b = torch.randn(512, 4, requires_grad=True), torch.randn(512, requires_grad=True)
+    fn = _conv_torch if impl.startswith("fastllm") else _conv_shift_add
+    timer(lambda: fn(x, w, b).sum().backward(), group="causal_conv1d cpu fwd+bwd b2 d512 L512 w4", name=impl,
+          device="cpu", rounds=10, warmup=2)

@@ -1,0 +1,237 @@
+"""A hybrid Mamba / attention LM (arch "hybrid"): Llama-style pre-norm layers whose token mixer is
+grouped-query attention (RoPE, KV cache) at ``attention_layers`` and a Mamba-1 mixer elsewhere, each
+followed by a SwiGLU MLP. This is the layout of attention-to-Mamba distillation (the "distilled
+Mamba reasoners" of arXiv 2502.20339 replace a Llama's attention layers by Mamba mixers and keep its
+MLPs); ``attention_layers=[]`` gives a pure Mamba model with MLPs.
+
+Generation keeps a KV cache for the attention layers and the recurrent state (constant size) for the
+Mamba layers. With packed sequences (``doc_ids``), attention stays inside documents; the Mamba
+recurrence runs through document boundaries, as in Mamba's own pretraining.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastllm.models.registry import register_model
+from fastllm.nn.attention import Attention
+from fastllm.nn.cache import KVCache
+from fastllm.nn.mamba import MambaCache, MambaMixer
+from fastllm.nn.mlp import SwiGLU
+from fastllm.nn.norm import RMSNorm
+from fastllm.nn.rope import RotaryEmbedding, positions_from_doc_ids
+
+_INT_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim", "d_state",
+               "d_conv", "expand", "dt_rank", "max_seq_len")
+
+
+@dataclass
+class HybridConfig:
+    ARCH: ClassVar[str] = "hybrid"
+
+    arch: str = "hybrid"
+    vocab_size: int = 32000
+    dim: int = 512
+    n_layers: int = 8
+    attention_layers: list[int] = field(default_factory=list)
+    n_heads: int = 8
+    n_kv_heads: int | None = None
+    head_dim: int | None = None
+    hidden_dim: int | None = None  # SwiGLU: 8/3 dim rounded up to 256
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    dt_rank: int | None = None  # ceil(dim / 16)
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048
+    tie_embeddings: bool = False
+    attention: str = "sdpa"
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        if self.arch != self.ARCH:
+            raise ValueError(f"HybridConfig is arch {self.ARCH!r}, got arch={self.arch!r}")
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.head_dim is None and isinstance(self.dim, int) and isinstance(self.n_heads, int) and self.n_heads > 0:
+            self.head_dim = self.dim // self.n_heads
+        if self.hidden_dim is None and isinstance(self.dim, int):
+            self.hidden_dim = 256 * math.ceil(8 * self.dim / 3 / 256)
+        if self.dt_rank is None and isinstance(self.dim, int):
+            self.dt_rank = math.ceil(self.dim / 16)
+        for name in _INT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        self.attention_layers = list(self.attention_layers)
+        if (any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.n_layers
+                for i in self.attention_layers) or len(set(self.attention_layers)) != len(self.attention_layers)):
+            raise ValueError(f"attention_layers must be distinct layer indices in [0, {self.n_layers}), "
+                             f"got {self.attention_layers!r}")
+        if self.n_heads % self.n_kv_heads or self.head_dim % 2:
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads}) "
+                             f"and head_dim ({self.head_dim}) even")
+        if self.d_state > 256:
+            raise ValueError(f"d_state must be at most 256, got {self.d_state}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown hybrid config keys {unknown}; valid keys: {sorted(names)}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+class HybridCache:
+    """The KV cache of the attention layers and the recurrent state of the Mamba layers, one position."""
+
+    def __init__(self, kv: KVCache | None, ssm: MambaCache | None, max_seq_len: int, batch_size: int):
+        self.kv, self.ssm, self.max_seq_len, self.batch_size = kv, ssm, max_seq_len, batch_size
+        self.pos = 0
+
+    def check_room(self, batch_size: int, new_tokens: int) -> None:
+        if batch_size != self.batch_size:
+            raise ValueError(f"input batch size {batch_size} differs from the cache's {self.batch_size}")
+        if self.pos + new_tokens > self.max_seq_len:
+            raise ValueError(f"cache full: {self.pos} seen + {new_tokens} new tokens exceed "
+                             f"max_seq_len={self.max_seq_len}")
+
+    def advance(self, new_tokens: int) -> None:
+        self.pos += new_tokens
+        for part in (self.kv, self.ssm):
+            if part is not None:
+                part.advance(new_tokens)
+
+
+class HybridLayer(nn.Module):
+    def __init__(self, c: HybridConfig, attention: bool, mixer_idx: int):
+        super().__init__()
+        self.is_attention = attention
+        self.mixer_norm = RMSNorm(c.dim, c.norm_eps)
+        if attention:
+            self.mixer = Attention(c.dim, c.n_heads, c.n_kv_heads, c.head_dim, norm_eps=c.norm_eps,
+                                   attention=c.attention, layer_idx=mixer_idx)
+        else:
+            self.mixer = MambaMixer(c.dim, c.d_state, c.d_conv, c.expand, c.dt_rank, layer_idx=mixer_idx)
+        self.mlp_norm = RMSNorm(c.dim, c.norm_eps)
+        self.mlp = SwiGLU(c.dim, c.hidden_dim)
+
+    def forward(self, x, cos, sin, doc_ids, cache: HybridCache | None):
+        h = self.mixer_norm(x)
+        if self.is_attention:
+            h = self.mixer(h, cos, sin, doc_ids, None if cache is None else cache.kv)
+        else:
+            h = self.mixer(h, None if cache is None else cache.ssm)
+        x = x + h
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class HybridLM(nn.Module):
+    def __init__(self, config: HybridConfig):
+        super().__init__()
+        self.config = c = config
+        self.embed = nn.Embedding(c.vocab_size, c.dim)
+        attention = set(c.attention_layers)
+        # Each mixer indexes its own cache by its rank among the layers of its kind.
+        ranks = {True: 0, False: 0}
+        layers = []
+        for i in range(c.n_layers):
+            kind = i in attention
+            layers.append(HybridLayer(c, kind, ranks[kind]))
+            ranks[kind] += 1
+        self.layers = nn.ModuleList(layers)
+        self.n_attention, self.n_mamba = ranks[True], ranks[False]
+        self.norm = RMSNorm(c.dim, c.norm_eps)
+        self.lm_head = None if c.tie_embeddings else nn.Linear(c.dim, c.vocab_size, bias=False)
+        self.rope = RotaryEmbedding(c.head_dim, c.rope_theta)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Normal(0, init_std) matrices, residual output projections (o_proj, out_proj, down_proj)
+        scaled by 1/sqrt(2 n_layers), unit norm gains, Mamba's SSM initialisation."""
+        std = self.config.init_std
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Embedding) or (isinstance(module, nn.Linear) and not name.endswith("dt_proj")):
+                residual_out = name.endswith(("o_proj", "out_proj", "down_proj"))
+                nn.init.normal_(module.weight, std=std / math.sqrt(2 * self.config.n_layers) if residual_out else std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+            elif isinstance(module, MambaMixer):
+                module.reset_ssm_parameters()
+                module.conv1d.reset_parameters()
+
+    def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None,
+                cache: HybridCache | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab) for input_ids (B, T); ``cache`` continues from the tokens it has seen."""
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"input_ids must be a (batch, seq) integer tensor, got {input_ids.dtype} "
+                             f"of shape {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        if doc_ids is not None:
+            if cache is not None:
+                raise ValueError("doc_ids cannot be combined with a cache")
+            if doc_ids.shape != input_ids.shape:
+                raise ValueError(f"doc_ids must have input_ids' shape {(B, T)}, got {tuple(doc_ids.shape)}")
+            positions = positions_from_doc_ids(doc_ids)
+        elif cache is not None:
+            cache.check_room(B, T)
+            positions = torch.arange(cache.pos, cache.pos + T, device=input_ids.device)
+        else:
+            positions = torch.arange(T, device=input_ids.device)
+        cos, sin = self.rope(positions)
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            x = layer(x, cos, sin, doc_ids, cache)
+        if cache is not None:
+            cache.advance(T)
+        x = self.norm(x)
+        return F.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
+
+    def init_cache(self, batch_size: int, max_seq_len: int, device=None, dtype=None) -> HybridCache:
+        weight = self.embed.weight
+        device = weight.device if device is None else device
+        dtype = weight.dtype if dtype is None else dtype
+        c = self.config
+        kv = (KVCache(self.n_attention, batch_size, c.n_kv_heads, max_seq_len, c.head_dim, device=device, dtype=dtype)
+              if self.n_attention else None)
+        ssm = (MambaCache(self.n_mamba, batch_size, c.expand * c.dim, c.d_conv, c.d_state, max_seq_len,
+                          device=device, dtype=dtype) if self.n_mamba else None)
+        return HybridCache(kv, ssm, max_seq_len, batch_size)
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed.weight.numel() if exclude_embeddings else n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """6 N for the matmul parameters (output projection included) + attention scores and values
+        (12 layers heads head_dim seq_len over the attention layers) + the scan (27 d_inner d_state
+        per Mamba layer, as MambaLM)."""
+        c = self.config
+        n = self.num_params(exclude_embeddings=True) + (c.vocab_size * c.dim if self.lm_head is None else 0)
+        return (6.0 * n + 12.0 * self.n_attention * c.n_heads * c.head_dim * seq_len
+                + 27.0 * self.n_mamba * c.expand * c.dim * c.d_state)
+
+    def no_weight_decay(self) -> set[str]:
+        return {name for name, p in self.named_parameters() if p.dim() < 2 or name.endswith("A_log")}
+
+
+register_model("hybrid", HybridConfig, HybridLM)

@@ -1,0 +1,62 @@
+import pytest
+import torch
+
+from fastllm.models.hybrid import HybridConfig, HybridLM
+from fastllm.testing import requires_cuda
+
+
+def tiny(**overrides) -> HybridLM:
+    config = HybridConfig(**{"vocab_size": 53, "dim": 32, "n_layers": 3, "attention_layers": [1], "n_heads": 4,
+                             "n_kv_heads": 2, "hidden_dim": 64, "d_state": 8, "max_seq_len": 64, **overrides})
+    return HybridLM(config)
+
+
+@pytest.mark.parametrize("attention_layers", [[1], [], [0, 1, 2]])
+def test_decoding_equals_full_forward(attention_layers, device="cpu", tol=1e-4):
+    torch.manual_seed(0)
+    model = tiny(attention_layers=attention_layers).to(device)
+    ids = torch.randint(0, 53, (2, 10), device=device)
+    full = model(ids)
+    cache = model.init_cache(2, 10)
+    pieces = [model(ids[:, :3], cache=cache), model(ids[:, 3:6], cache=cache)]
+    pieces += [model(ids[:, t:t + 1], cache=cache) for t in range(6, 10)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=tol, atol=tol)
+    with pytest.raises(ValueError, match="cache full"):
+        model(ids[:, :1], cache=cache)
+
+
+def test_layers_and_interface():
+    model = tiny(attention_layers=[0, 2], n_layers=4)
+    kinds = [layer.is_attention for layer in model.layers]
+    assert kinds == [True, False, True, False] and model.n_attention == 2 and model.n_mamba == 2
+    assert "layers.1.mixer.A_log" in model.no_weight_decay()
+    assert "layers.0.mixer.q_proj.weight" not in model.no_weight_decay()
+    config = model.config
+    assert HybridConfig.from_dict(config.to_dict()) == config
+    for bad in ({"attention_layers": [3]}, {"attention_layers": [1, 1]}, {"d_state": 300}):
+        with pytest.raises(ValueError):
+            HybridConfig(**{"n_layers": 3, **bad})
+    ids = torch.randint(0, 53, (2, 7))
+    doc_ids = torch.tensor([[0, 0, 0, 1, 1, 1, 1]] * 2)
+    assert model(ids, doc_ids=doc_ids).shape == (2, 7, 53)
+    assert model.flops_per_token(128) > 6 * model.num_params(exclude_embeddings=True)
+
+
+def test_training_reduces_loss():
+    torch.manual_seed(0)
+    model = tiny()
+    ids = torch.randint(0, 53, (4, 24))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(25):
+        loss = torch.nn.functional.cross_entropy(model(ids[:, :-1]).reshape(-1, 53), ids[:, 1:].reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+
+
+@requires_cuda
+def test_cuda_decoding_equals_full_forward():
+    test_decoding_equals_full_forward([1], device="cuda", tol=2e-3)
