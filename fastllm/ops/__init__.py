@@ -14,6 +14,8 @@ import torch
 from fastllm.ops import _backend
 from fastllm.ops._backend import build_info, current_backend, use_backend
 from fastllm.ops.ademamix import ademamix_step_
+from fastllm.ops.depth_weighted_average import depth_weighted_average, depth_weighted_average_backward
+from fastllm.ops.depth_weighted_average import has_cuda_kernel as _dwa_cuda
 
 
 def _triton_installed() -> bool:
@@ -35,8 +37,13 @@ def available() -> dict:
                 "cpu": "reference" if reference or not _backend.has_cpu_kernels() else "cpp",
                 "cuda": cuda_kernel,
             },
+            "depth_weighted_average": {
+                "cpu": "reference" if reference or not _backend.has_cpu_kernels() else "cpp",
+                "cuda": "reference" if reference or not _dwa_cuda() else "cuda",
+            },
         },
     }
 
 
 __all__ = ["ademamix_step_", "available", "build_info", "current_backend", "use_backend"]
+__all__ += ["depth_weighted_average", "depth_weighted_average_backward"]

@@ -1,0 +1,107 @@
+// Depth-weighted average on the CPU: OpenMP over fixed chunks of the output, fp32 accumulators
+// per chunk so the inner loops over one state are contiguous and vectorise.
+#include <algorithm>
+#include <vector>
+
+#include "depth_weighted_average/depth_weighted_average.h"
+
+namespace fastllm {
+namespace {
+
+constexpr int64_t kChunk = 2048;
+
+int64_t chunks_of_elements(int64_t numel) { return (numel + kChunk - 1) / kChunk; }
+
+template <typename T>
+void forward(const T* states, const float* weights, T* out, int64_t numel, int64_t num_states, int num_threads) {
+  const int64_t chunks = chunks_of_elements(numel);
+  (void)num_threads;
+#if defined(FASTLLM_WITH_OPENMP)
+#pragma omp parallel for schedule(static) num_threads(num_threads)
+#endif
+  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+    const int64_t begin = chunk * kChunk, n = std::min(kChunk, numel - begin);
+    float acc[kChunk];
+    for (int64_t i = 0; i < n; ++i) acc[i] = 0.0f;
+    for (int64_t k = 0; k < num_states; ++k) {
+      const T* x = states + k * numel + begin;
+      const float w = weights[k];
+      for (int64_t i = 0; i < n; ++i) acc[i] = dwa::accumulate(acc[i], w, dwa::Elem<T>::load(x[i]));
+    }
+    for (int64_t i = 0; i < n; ++i) out[begin + i] = dwa::Elem<T>::store(acc[i]);
+  }
+}
+
+template <typename T>
+void backward(const T* grad_out, const T* states, const float* weights, T* grad_states, float* grad_weights,
+              int64_t numel, int64_t num_states, int num_threads) {
+  const int64_t chunks = chunks_of_elements(numel);
+  // partial[chunk * num_states + k]: the weight gradient of state k over one chunk.
+  std::vector<float> partial(static_cast<size_t>(chunks * num_states));
+  (void)num_threads;
+#if defined(FASTLLM_WITH_OPENMP)
+#pragma omp parallel for schedule(static) num_threads(num_threads)
+#endif
+  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+    const int64_t begin = chunk * kChunk, n = std::min(kChunk, numel - begin);
+    float g[kChunk];
+    for (int64_t i = 0; i < n; ++i) g[i] = dwa::Elem<T>::load(grad_out[begin + i]);
+    for (int64_t k = 0; k < num_states; ++k) {
+      const T* x = states + k * numel + begin;
+      T* dx = grad_states + k * numel + begin;
+      const float w = weights[k];
+      float dot = 0.0f;
+#if defined(FASTLLM_WITH_OPENMP)
+#pragma omp simd reduction(+ : dot)
+#endif
+      for (int64_t i = 0; i < n; ++i) {
+        dx[i] = dwa::Elem<T>::store(dwa::state_grad(w, g[i]));
+        dot = dwa::weight_grad_term(dot, g[i], dwa::Elem<T>::load(x[i]));
+      }
+      partial[chunk * num_states + k] = dot;
+    }
+  }
+  for (int64_t k = 0; k < num_states; ++k) {
+    double sum = 0.0;
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) sum += partial[chunk * num_states + k];
+    grad_weights[k] = static_cast<float>(sum);
+  }
+}
+
+}  // namespace
+
+void depth_weighted_average_forward_cpu(const void* states, const float* weights, void* out, int64_t numel,
+                                        int64_t num_states, int dtype, int num_threads) {
+  switch (static_cast<DType>(dtype)) {
+    case DType::Float32:
+      return forward(static_cast<const float*>(states), weights, static_cast<float*>(out), numel, num_states,
+                     num_threads);
+    case DType::BFloat16:
+      return forward(static_cast<const bfloat16*>(states), weights, static_cast<bfloat16*>(out), numel,
+                     num_states, num_threads);
+    case DType::Float16:
+      return forward(static_cast<const dwa::float16*>(states), weights, static_cast<dwa::float16*>(out), numel,
+                     num_states, num_threads);
+  }
+  unsupported_dtypes("depth_weighted_average", dtype, static_cast<int>(DType::Float32));
+}
+
+void depth_weighted_average_backward_cpu(const void* grad_out, const void* states, const float* weights,
+                                         void* grad_states, float* grad_weights, int64_t numel,
+                                         int64_t num_states, int dtype, int num_threads) {
+  switch (static_cast<DType>(dtype)) {
+    case DType::Float32:
+      return backward(static_cast<const float*>(grad_out), static_cast<const float*>(states), weights,
+                      static_cast<float*>(grad_states), grad_weights, numel, num_states, num_threads);
+    case DType::BFloat16:
+      return backward(static_cast<const bfloat16*>(grad_out), static_cast<const bfloat16*>(states), weights,
+                      static_cast<bfloat16*>(grad_states), grad_weights, numel, num_states, num_threads);
+    case DType::Float16:
+      return backward(static_cast<const dwa::float16*>(grad_out), static_cast<const dwa::float16*>(states),
+                      weights, static_cast<dwa::float16*>(grad_states), grad_weights, numel, num_states,
+                      num_threads);
+  }
+  unsupported_dtypes("depth_weighted_average_backward", dtype, static_cast<int>(DType::Float32));
+}
+
+}  // namespace fastllm
