@@ -12,18 +12,39 @@ constexpr int64_t kChunk = 2048;
 
 int64_t chunks_of_elements(int64_t numel) { return (numel + kChunk - 1) / kChunk; }
 
+// Small problems run on one thread: waking a pool costs more than it saves (like torch's grain size).
+int threads_for(int64_t numel, int64_t num_states, int num_threads) {
+  constexpr int64_t kElementsPerThread = 1 << 18;
+  const int64_t work = numel * std::max<int64_t>(num_states, 1);
+  return static_cast<int>(std::clamp<int64_t>(work / kElementsPerThread, 1, std::max(num_threads, 1)));
+}
+
 template <typename T>
 void forward(const T* states, const float* weights, T* out, int64_t numel, int64_t num_states, int num_threads) {
   const int64_t chunks = chunks_of_elements(numel);
-  (void)num_threads;
+  const int threads = threads_for(numel, num_states, num_threads);
+  (void)threads;
 #if defined(FASTLLM_WITH_OPENMP)
-#pragma omp parallel for schedule(static) num_threads(num_threads)
+#pragma omp parallel for schedule(static) num_threads(threads)
 #endif
   for (int64_t chunk = 0; chunk < chunks; ++chunk) {
     const int64_t begin = chunk * kChunk, n = std::min(kChunk, numel - begin);
     float acc[kChunk];
     for (int64_t i = 0; i < n; ++i) acc[i] = 0.0f;
-    for (int64_t k = 0; k < num_states; ++k) {
+    int64_t k = 0;
+    // Four states per sweep (still added in order k, k + 1, ...): a quarter of the accumulator traffic.
+    for (; k + 4 <= num_states; k += 4) {
+      const T* x0 = states + k * numel + begin;
+      const T *x1 = x0 + numel, *x2 = x1 + numel, *x3 = x2 + numel;
+      const float w0 = weights[k], w1 = weights[k + 1], w2 = weights[k + 2], w3 = weights[k + 3];
+      for (int64_t i = 0; i < n; ++i) {
+        float a = dwa::accumulate(acc[i], w0, dwa::Elem<T>::load(x0[i]));
+        a = dwa::accumulate(a, w1, dwa::Elem<T>::load(x1[i]));
+        a = dwa::accumulate(a, w2, dwa::Elem<T>::load(x2[i]));
+        acc[i] = dwa::accumulate(a, w3, dwa::Elem<T>::load(x3[i]));
+      }
+    }
+    for (; k < num_states; ++k) {
       const T* x = states + k * numel + begin;
       const float w = weights[k];
       for (int64_t i = 0; i < n; ++i) acc[i] = dwa::accumulate(acc[i], w, dwa::Elem<T>::load(x[i]));
@@ -38,9 +59,10 @@ void backward(const T* grad_out, const T* states, const float* weights, T* grad_
   const int64_t chunks = chunks_of_elements(numel);
   // partial[chunk * num_states + k]: the weight gradient of state k over one chunk.
   std::vector<float> partial(static_cast<size_t>(chunks * num_states));
-  (void)num_threads;
+  const int threads = threads_for(numel, 2 * num_states, num_threads);
+  (void)threads;
 #if defined(FASTLLM_WITH_OPENMP)
-#pragma omp parallel for schedule(static) num_threads(num_threads)
+#pragma omp parallel for schedule(static) num_threads(threads)
 #endif
   for (int64_t chunk = 0; chunk < chunks; ++chunk) {
     const int64_t begin = chunk * kChunk, n = std::min(kChunk, numel - begin);
