@@ -11,6 +11,7 @@ namespace fastllm {
 using Pointers = std::vector<uintptr_t>;
 
 void bind_ademamix(pybind11::module_& m);
+void bind_xielu(pybind11::module_& m);
 void bind_depth_weighted_average(pybind11::module_& m);
 
 }  // namespace fastllm

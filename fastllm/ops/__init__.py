@@ -14,6 +14,8 @@ import torch
 from fastllm.ops import _backend
 from fastllm.ops._backend import build_info, current_backend, use_backend
 from fastllm.ops.ademamix import ademamix_step_
+from fastllm.ops.xielu import has_cpp_kernels as _xielu_has_cpp
+from fastllm.ops.xielu import xielu
 from fastllm.ops.depth_weighted_average import depth_weighted_average, depth_weighted_average_backward
 from fastllm.ops.depth_weighted_average import has_cuda_kernel as _dwa_cuda
 
@@ -37,6 +39,8 @@ def available() -> dict:
                 "cpu": "reference" if reference or not _backend.has_cpu_kernels() else "cpp",
                 "cuda": cuda_kernel,
             },
+            "xielu": {"cpu": "reference" if reference else ("cpp" if _xielu_has_cpp() else "torch-fp32"),
+                      "cuda": "reference" if reference else ("triton" if _triton_installed() else "torch-fp32")},
             "depth_weighted_average": {
                 "cpu": "reference" if reference or not _backend.has_cpu_kernels() else "cpp",
                 "cuda": "reference" if reference or not _dwa_cuda() else "cuda",
@@ -45,5 +49,5 @@ def available() -> dict:
     }
 
 
-__all__ = ["ademamix_step_", "available", "build_info", "current_backend", "use_backend"]
+__all__ = ["ademamix_step_", "available", "build_info", "current_backend", "use_backend", "xielu"]
 __all__ += ["depth_weighted_average", "depth_weighted_average_backward"]
