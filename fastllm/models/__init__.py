@@ -7,6 +7,7 @@
 """
 
 from fastllm.models.apertus import ApertusConfig, ApertusLM
+from fastllm.models.denseformer import DenseFormerConfig, DenseFormerLM
 from fastllm.models.generate import generate, sample_next
 from fastllm.models.hf import from_pretrained, save_pretrained
 from fastllm.models.llama import LlamaConfig, LlamaLM
@@ -16,3 +17,4 @@ from fastllm.models.transformer import TransformerConfig, TransformerLM
 __all__ = ["ApertusConfig", "ApertusLM", "LlamaConfig", "LlamaLM", "TransformerConfig", "TransformerLM",
            "build_model", "config_from_dict", "from_pretrained", "generate", "model_names", "register_model",
            "sample_next", "save_pretrained"]
+__all__ += ["DenseFormerConfig", "DenseFormerLM"]
