@@ -49,16 +49,17 @@ def test_repeat_mask_by_definition():
     assert torch.equal(mask[0, 0], expected)
 
 
-def naive_middle_repeats(model, x, n_repeat):
+def naive_middle_repeats(model, x, n_repeat, active=None):
     """The middle group (one block, no begin/end blocks) with attention written out query by query:
-    query (t, r) attends to the keys (t', r') with t' <= t and r' <= r."""
+    query (t, r) attends to the keys (t', r') with t' <= t and r' <= r (and, when routed, t' ran repeat
+    r': active[r'][b, t']); a routed token that runs repeat r adds sigmoid(router score) times its update."""
     block = model.layers[0]
     attn = block.attn
     B, T, _ = x.shape
     cos, sin = model.rope(torch.arange(T))
     group = attn.n_heads // attn.n_kv_heads
     keys, values = [], []
-    for _ in range(n_repeat):
+    for r in range(n_repeat):
         h = block.attn_norm(x)
         q = apply_rotary(attn.q_proj(h).view(B, T, attn.n_heads, -1).transpose(1, 2), cos, sin)
         keys.append(apply_rotary(attn.k_proj(h).view(B, T, attn.n_kv_heads, -1).transpose(1, 2), cos, sin))
@@ -67,12 +68,19 @@ def naive_middle_repeats(model, x, n_repeat):
         for b in range(B):
             for head in range(attn.n_heads):
                 for t in range(T):
-                    k = torch.stack([kr[b, head // group, s] for kr in keys for s in range(t + 1)])
-                    v = torch.stack([vr[b, head // group, s] for vr in values for s in range(t + 1)])
+                    visible = [(rr, s) for rr in range(r + 1) for s in range(t + 1)
+                               if active is None or active[rr][b, s]]
+                    k = torch.stack([keys[rr][b, head // group, s] for rr, s in visible])
+                    v = torch.stack([values[rr][b, head // group, s] for rr, s in visible])
                     weights = torch.softmax(k @ q[b, head, t] / math.sqrt(attn.head_dim), dim=0)
                     out[b, head, t] = weights @ v
-        x = x + attn.o_proj(out.transpose(1, 2).reshape(B, T, -1))
-        x = x + block.mlp(block.mlp_norm(x))
+        h = x + attn.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        h = h + block.mlp(block.mlp_norm(h))
+        if active is None or r == 0:
+            x = h
+        else:
+            gate = torch.sigmoid(model.routers[r - 1](x))
+            x = torch.where(active[r][..., None], x + gate * (h - x), x)
     return x
 
 
@@ -125,3 +133,54 @@ def test_config_validation_and_flops():
         CoTFormerConfig(**TINY, n_repeat=0)
     once, thrice = build_model(CoTFormerConfig(**TINY, n_repeat=1)), build_model(config)
     assert thrice.flops_per_token(32) > once.flops_per_token(32)
+
+
+def test_adaptive_routing_keeps_the_requested_capacities():
+    from fastllm.models.cotformer import capacity_sweep
+
+    model = cotformer(n_repeat=3, adaptive=True)
+    ids = torch.randint(0, 97, (3, 8))
+    model.set_capacities([1.0, 0.5, 0.25])
+    logits = model(ids)
+    assert torch.isfinite(logits).all()
+    assert [a.sum(dim=1).tolist() for a in model.last_active] == [[8] * 3, [4] * 3, [2] * 3]
+    for earlier, later in zip(model.last_active, model.last_active[1:]):
+        assert not (later & ~earlier).any()  # a token that stopped never comes back
+
+    # Training draws random, non-increasing capacities; every repeat keeps at least one token.
+    model.set_capacities(None)
+    model.train()
+    seen = set()
+    for _ in range(5):
+        model(ids).square().mean().backward()
+        counts = [int(a[0].sum()) for a in model.last_active]
+        assert counts[0] == 8 and all(8 >= a >= b >= 1 for a, b in zip(counts, counts[1:]))
+        seen.add(tuple(counts))
+    assert len(seen) > 1
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.routers.parameters())
+
+    settings = [[1.0, 1.0, 1.0], [1.0, 0.5, 0.25], [1.0, 0.25, 0.125]]
+    sweep = capacity_sweep(model, [(ids, ids.roll(-1, dims=1))], settings)
+    assert [row["capacities"] for row in sweep] == settings and model.training
+    macs = [row["macs_per_token"] for row in sweep]
+    assert macs[0] > macs[1] > macs[2] and all(math.isfinite(row["perplexity"]) for row in sweep)
+
+
+def test_adaptive_routing_rejects_bad_capacities_and_caches():
+    model = cotformer(n_repeat=3, adaptive=True)
+    for bad in ([1.0, 0.5], [0.5, 0.5, 0.5], [1.0, 0.25, 0.5], [1.0, 0.0, 0.0]):
+        with pytest.raises(ValueError, match="capacities"):
+            model.set_capacities(bad)
+    with pytest.raises(ValueError, match="KV cache"):
+        model(torch.randint(0, 97, (1, 4)), cache=model.init_cache(1, 8))
+
+
+def test_routed_tokens_attend_only_to_repeats_they_ran():
+    model = cotformer(n_layers=1, n_begin=0, n_end=0, n_repeat=3, adaptive=True)
+    model.set_capacities([1.0, 0.5, 0.34])
+    ids = torch.randint(0, 97, (2, 6))
+    logits = model(ids)
+    active = model.last_active
+    assert [int(a[0].sum()) for a in active] == [6, 3, 3]
+    expected = model.lm_head(model.norm(naive_middle_repeats(model, model.embed(ids), 3, active)))
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
