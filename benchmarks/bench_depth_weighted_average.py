@@ -89,7 +89,7 @@ MODEL = {"vocab_size": 32000, "dim": 768, "n_layers": 48, "n_heads": 12, "max_se
 
 
 @pytest.mark.parametrize("arch", ["denseformer", "llama"])
-def test_train_step(timer, arch):
+def test_cuda_train_step(timer, arch):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     from fastllm.models import build_model, config_from_dict

@@ -157,6 +157,12 @@ def _validate(states: object, weights: object) -> None:
     check_same_device([("states", states), ("weights", weights)])
 
 
+def _used_rows(states: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    # Slice only a partly used buffer: autograd's slice backward copies the whole state gradient.
+    k = weights.shape[0]
+    return states if k == states.shape[0] else states[:k]
+
+
 def depth_weighted_average(states: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """sum_k weights[k] * states[k] over the first K = len(weights) rows of ``states``.
 
@@ -167,7 +173,7 @@ def depth_weighted_average(states: torch.Tensor, weights: torch.Tensor) -> torch
     """
     _validate(states, weights)
     with nvtx_range("fastllm.depth_weighted_average"):
-        return _forward(states[: weights.shape[0]], weights)
+        return _forward(_used_rows(states, weights), weights)
 
 
 def depth_weighted_average_backward(grad_out: torch.Tensor, states: torch.Tensor,
@@ -183,4 +189,4 @@ def depth_weighted_average_backward(grad_out: torch.Tensor, states: torch.Tensor
         raise ValueError(f"grad_out must have shape {tuple(states.shape[1:])}, got {tuple(grad_out.shape)}")
     check_same_device([("states", states), ("grad_out", grad_out)])
     with nvtx_range("fastllm.depth_weighted_average_backward"):
-        return _backward(grad_out, states[: weights.shape[0]], weights)
+        return _backward(grad_out, _used_rows(states, weights), weights)

@@ -184,3 +184,14 @@ def test_routed_tokens_attend_only_to_repeats_they_ran():
     assert [int(a[0].sum()) for a in active] == [6, 3, 3]
     expected = model.lm_head(model.norm(naive_middle_repeats(model, model.embed(ids), 3, active)))
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    model = cotformer(n_repeat=2, repeat_norm=True).train()
+    ids = torch.randint(0, 97, (2, 7))
+    model(ids).square().mean().backward()
+    eager = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    torch.compile(model, fullgraph=True, backend="aot_eager")(ids).square().mean().backward()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, eager[name], rtol=1e-5, atol=1e-7, msg=name)

@@ -134,3 +134,16 @@ def test_config_round_trip_and_validation():
     model = build_model(config)
     transformer_flops = build_model(config_from_dict({"arch": "llama", **TINY})).flops_per_token(64)
     assert model.flops_per_token(64) > transformer_flops
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    model = denseformer(2, 2)
+    randomize_dwa(model)
+    ids = torch.randint(0, 97, (2, 9))
+    model(ids).square().mean().backward()
+    eager = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    compiled(ids).square().mean().backward()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, eager[name], rtol=1e-5, atol=1e-7, msg=name)

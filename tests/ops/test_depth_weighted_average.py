@@ -248,3 +248,12 @@ def test_cuda_torch_compile_fullgraph():
     ref_gs, ref_gw = depth_weighted_average_backward_reference(grad_out, states[:5], weights)
     assert torch.equal(s.grad[:5], ref_gs)
     torch.testing.assert_close(w.grad, ref_gw, rtol=1e-3, atol=1e-3)
+
+
+def test_full_buffer_is_not_sliced():
+    """A slice in the graph would copy the whole state gradient in backward; only partial buffers slice."""
+    states = torch.randn(4, 3, 5, requires_grad=True)
+    full = depth_weighted_average(states, torch.randn(4))
+    assert full.grad_fn.next_functions[0][0].variable is states
+    partial = depth_weighted_average(states, torch.randn(3))
+    assert "Slice" in type(partial.grad_fn.next_functions[0][0]).__name__
