@@ -103,6 +103,6 @@ class DWAPass:
         if i % self.dwa.period:
             return x
         r = i % self.dwa.dilation
-        # The weights stay fp32 when the model is cast to bf16 (the op takes fp32 weights).
+        # The op takes fp32 weights; a model cast to bf16 holds them in bf16.
         weights = self.dwa.weights[str(i)].float()
         return _BufferedDWA.apply(weights, self.buffers[r], *self.stored[r])
