@@ -112,17 +112,20 @@ def test_cpu_kernel_writes_every_output(dtype):
     torch.testing.assert_close(grad_weights, ref_gw, rtol=1e-5, atol=1e-5)
 
 
-def test_weight_gradient_does_not_depend_on_thread_count():
-    states, weights, grad_out = _inputs(7, 7, (3 * 2048 + 5,), torch.float32)
+def test_results_do_not_depend_on_thread_count():
+    # Large enough (K * numel > 2^19) for the kernels to use two OpenMP threads.
+    states, weights, grad_out = _inputs(8, 8, (34 * 2048 + 5,), torch.float32)
     previous = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = depth_weighted_average_backward(grad_out, states, weights)[1]
+        one = (depth_weighted_average(states, weights), *depth_weighted_average_backward(grad_out, states, weights))
         torch.set_num_threads(2)
-        two = depth_weighted_average_backward(grad_out, states, weights)[1]
+        two = (depth_weighted_average(states, weights), *depth_weighted_average_backward(grad_out, states, weights))
     finally:
         torch.set_num_threads(previous)
-    assert torch.equal(one, two)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+    _check(states, weights, grad_out)
 
 
 def test_reference_backend_matches_reference():
