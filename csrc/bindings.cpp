@@ -42,4 +42,5 @@ PYBIND11_MODULE(_C, m) {
   fastllm::bind_ademamix(m);
   fastllm::bind_xielu(m);
   fastllm::bind_selective_scan(m);
+  fastllm::bind_depth_weighted_average(m);
 }

@@ -13,5 +13,6 @@ using Pointers = std::vector<uintptr_t>;
 void bind_ademamix(pybind11::module_& m);
 void bind_xielu(pybind11::module_& m);
 void bind_selective_scan(pybind11::module_& m);
+void bind_depth_weighted_average(pybind11::module_& m);
 
 }  // namespace fastllm

@@ -7,6 +7,8 @@
 """
 
 from fastllm.models.apertus import ApertusConfig, ApertusLM
+from fastllm.models.cotformer import CoTFormerConfig, CoTFormerLM
+from fastllm.models.denseformer import DenseFormerConfig, DenseFormerLM
 from fastllm.models.generate import generate, sample_next
 from fastllm.models.hf import from_pretrained, save_pretrained
 from fastllm.models.hybrid import HybridConfig, HybridLM
@@ -18,3 +20,4 @@ from fastllm.models.transformer import TransformerConfig, TransformerLM
 __all__ = ["ApertusConfig", "ApertusLM", "HybridConfig", "HybridLM", "LlamaConfig", "LlamaLM", "MambaConfig", "MambaLM", "TransformerConfig", "TransformerLM",
            "build_model", "config_from_dict", "from_pretrained", "generate", "model_names", "register_model",
            "sample_next", "save_pretrained"]
+__all__ += ["CoTFormerConfig", "CoTFormerLM", "DenseFormerConfig", "DenseFormerLM"]

@@ -15,6 +15,7 @@ from fastllm.ops import _backend
 from fastllm.ops._backend import build_info, current_backend, use_backend
 from fastllm.ops.ademamix import ademamix_step_
 from fastllm.ops.causal_conv1d import causal_conv1d, causal_conv1d_update
+from fastllm.ops.depth_weighted_average import depth_weighted_average, depth_weighted_average_backward
 from fastllm.ops.selective_scan import selective_scan
 from fastllm.ops.selective_state_update import selective_state_update
 from fastllm.ops.xielu import has_cpp_kernels as _xielu_has_cpp
@@ -49,9 +50,11 @@ def available() -> dict:
             "selective_scan": pick(cpp, "cuda" if _compiled("selective_scan_fwd_cuda") else "reference"),
             "selective_state_update": pick(cpp, "cuda" if _compiled("selective_state_update_cuda") else "reference"),
             "causal_conv1d": pick("torch", "torch"),
+            "depth_weighted_average": pick(cpp, "cuda" if _compiled("depth_weighted_average_forward_cuda") else "reference"),
         },
     }
 
 
 __all__ = ["ademamix_step_", "available", "build_info", "causal_conv1d", "causal_conv1d_update", "current_backend",
-           "selective_scan", "selective_state_update", "use_backend", "xielu"]
+           "depth_weighted_average", "depth_weighted_average_backward", "selective_scan", "selective_state_update",
+           "use_backend", "xielu"]

@@ -1,0 +1,118 @@
+// Depth-weighted average (DenseFormer, arXiv 2402.02622): out = sum_k weights[k] * states[k].
+// The element math and the element types shared by the CPU and CUDA kernels.
+//
+// states is K contiguous rows of `numel` elements each (a stacked tensor or the prefix of a
+// preallocated buffer); weights are K fp32 values; every sum is accumulated in fp32 in the order
+// k = 0, 1, ..., K - 1, so CPU and CUDA results differ only by fused multiply-adds.
+#pragma once
+
+#include <cstdint>
+
+#include "common/dtypes.h"
+
+#if defined(__CUDACC__)
+#include <cuda_fp16.h>
+#endif
+
+namespace fastllm {
+namespace dwa {
+
+// IEEE half, stored as bits; converted in software on the host (round to nearest even, like torch).
+struct float16 {
+  uint16_t bits;
+};
+
+FASTLLM_HD float half_bits_to_float(uint16_t h) {
+#if defined(__CUDA_ARCH__)
+  return __half2float(__ushort_as_half(h));
+#else
+  const uint32_t sign = (uint32_t(h) & 0x8000u) << 16;
+  const uint32_t exponent = (h >> 10) & 0x1fu, mantissa = h & 0x3ffu;
+  if (exponent == 0x1f) return bits_as_float(sign | 0x7f800000u | (mantissa << 13));
+  if (exponent == 0) {
+    const float magnitude = float(mantissa) * 5.9604644775390625e-08f;  // subnormal: mantissa * 2^-24
+    return sign ? -magnitude : magnitude;
+  }
+  return bits_as_float(sign | ((exponent + 112u) << 23) | (mantissa << 13));
+#endif
+}
+
+FASTLLM_HD uint16_t float_to_half_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __half_as_ushort(__float2half_rn(f));
+#else
+  const uint32_t x = float_as_bits(f);
+  const uint32_t sign = (x >> 16) & 0x8000u;
+  uint32_t magnitude = x & 0x7fffffffu;
+  if (magnitude > 0x7f800000u) return uint16_t(sign | 0x7e00u);    // NaN stays a quiet NaN
+  if (magnitude >= 0x477ff000u) return uint16_t(sign | 0x7c00u);   // >= 65520 rounds to infinity
+  if (magnitude < 0x38800000u) {                                    // below 2^-14: a half subnormal
+    // Adding 0.5f puts the half's subnormal unit (2^-24) at the float's last mantissa bit, so the
+    // float addition itself rounds to nearest even.
+    const float shifted = bits_as_float(magnitude) + 0.5f;
+    return uint16_t(sign | (float_as_bits(shifted) - 0x3f000000u));
+  }
+  const uint32_t odd = (magnitude >> 13) & 1u;
+  magnitude += 0xc8000fffu + odd;  // rebias the exponent (127 -> 15) and round half to even
+  return uint16_t(sign | (magnitude >> 13));
+#endif
+}
+
+// Loads as fp32 and stores with round to nearest even, per element type.
+template <typename T>
+struct Elem;
+
+template <>
+struct Elem<float> {
+  FASTLLM_HD static float load(float x) { return x; }
+  FASTLLM_HD static float store(float x) { return x; }
+};
+
+template <>
+struct Elem<bfloat16> {
+  FASTLLM_HD static float load(bfloat16 x) { return to_float(x); }
+  FASTLLM_HD static bfloat16 store(float x) { return bf16_round_nearest(x); }
+};
+
+template <>
+struct Elem<float16> {
+  FASTLLM_HD static float load(float16 x) { return half_bits_to_float(x.bits); }
+  FASTLLM_HD static float16 store(float x) { return float16{float_to_half_bits(x)}; }
+};
+
+// Forward term: acc += w * x.
+FASTLLM_HD float accumulate(float acc, float weight, float state) { return acc + weight * state; }
+
+// Backward, per element and state k: d states[k] = w[k] * d out;  d w[k] += d out * states[k].
+FASTLLM_HD float state_grad(float weight, float grad_out) { return weight * grad_out; }
+FASTLLM_HD float weight_grad_term(float acc, float grad_out, float state) { return acc + grad_out * state; }
+
+}  // namespace dwa
+
+// out (numel) = sum_k weights[k] * states[k * numel : (k + 1) * numel].
+void depth_weighted_average_forward_cpu(const void* states, const float* weights, void* out, int64_t numel,
+                                        int64_t num_states, int dtype, int num_threads);
+
+// grad_states (num_states * numel) and grad_weights (num_states, fp32) in one pass over grad_out and states.
+// The weight gradient is summed per fixed chunk, then over chunks in double in a fixed order:
+// the result does not depend on the thread count.
+void depth_weighted_average_backward_cpu(const void* grad_out, const void* states, const float* weights,
+                                         void* grad_states, float* grad_weights, int64_t numel,
+                                         int64_t num_states, int dtype, int num_threads);
+
+#if defined(FASTLLM_WITH_CUDA)
+void depth_weighted_average_forward_cuda(const void* states, const float* weights, void* out, int64_t numel,
+                                         int64_t num_states, int dtype, int device, uintptr_t stream);
+
+// fp32 floats of workspace the CUDA backward needs for (numel, num_states, dtype).
+int64_t depth_weighted_average_cuda_workspace(int64_t numel, int64_t num_states, int dtype);
+
+// Each block writes its partial weight gradients to the workspace (no atomics); a second small
+// kernel sums them per state in a fixed order, so the result is bitwise reproducible.
+void depth_weighted_average_backward_cuda(const void* grad_out, const void* states, const float* weights,
+                                          void* grad_states, float* grad_weights, float* workspace,
+                                          int64_t numel, int64_t num_states, int dtype, int device,
+                                          uintptr_t stream);
+#endif
+
+}  // namespace fastllm

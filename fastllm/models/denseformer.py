@@ -1,0 +1,84 @@
+"""DenseFormer (arXiv 2402.02622): a transformer whose blocks read depth-weighted averages of all
+earlier block outputs (and the embedding) instead of only the previous one.
+
+``dwa_dilation`` k: a DWA after block i averages x_j for j = i (mod k) only. ``dwa_period`` p: DWAs
+follow every p-th block only. The DWA weights start as the identity, so a fresh DenseFormer computes
+exactly the transformer with its blocks; they are kept out of weight decay and out of init_weights().
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from fastllm.models.registry import register_model
+from fastllm.models.transformer import TransformerConfig, TransformerLM
+from fastllm.nn import positions_from_doc_ids
+from fastllm.nn.depth_weighted_average import DepthWeightedAverages
+
+
+def prepare_inputs(model: TransformerLM, input_ids: torch.Tensor, doc_ids: torch.Tensor | None,
+                   cache) -> tuple[torch.Tensor, torch.Tensor]:
+    """TransformerLM.forward's input checks and RoPE tables (cos, sin), for models with their own block loop."""
+    if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"input_ids must be a (batch, seq) integer tensor, got {input_ids.dtype} "
+                         f"of shape {tuple(input_ids.shape)}")
+    B, T = input_ids.shape
+    if doc_ids is not None:
+        if cache is not None:
+            raise ValueError("doc_ids cannot be combined with a KV cache")
+        if doc_ids.shape != input_ids.shape:
+            raise ValueError(f"doc_ids must have input_ids' shape {(B, T)}, got {tuple(doc_ids.shape)}")
+        positions = positions_from_doc_ids(doc_ids)
+    elif cache is not None:
+        cache.check_room(B, T)
+        positions = torch.arange(cache.pos, cache.pos + T, device=input_ids.device)
+    else:
+        positions = torch.arange(T, device=input_ids.device)
+    return model.rope(positions)
+
+
+@dataclass
+class DenseFormerConfig(TransformerConfig):
+    ARCH: ClassVar[str] = "denseformer"
+
+    dwa_dilation: int = 1
+    dwa_period: int = 1
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("dwa_dilation", "dwa_period"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+class DenseFormerLM(TransformerLM):
+    def __init__(self, config: DenseFormerConfig):
+        super().__init__(config)
+        self.dwa = DepthWeightedAverages(config.n_layers, config.dwa_dilation, config.dwa_period)
+
+    def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        cos, sin = prepare_inputs(self, input_ids, doc_ids, cache)
+        x = self.embed(input_ids)
+        dwa = self.dwa.start(x)
+        for i, layer in enumerate(self.layers, start=1):
+            x = dwa.after_block(i, layer(x, cos, sin, doc_ids, cache))
+        if cache is not None:
+            cache.advance(input_ids.shape[1])
+        x = self.norm(x)
+        return F.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """The transformer's training FLOPs plus 6 per state and channel for each DWA (forward and backward)."""
+        states = sum(w.numel() for w in self.dwa.weights.values())
+        return super().flops_per_token(seq_len) + 6.0 * states * self.config.dim
+
+    def no_weight_decay(self) -> set[str]:
+        return super().no_weight_decay() | {f"dwa.weights.{name}" for name in self.dwa.weights}
+
+
+register_model("denseformer", DenseFormerConfig, DenseFormerLM)
