@@ -1,0 +1,210 @@
+"""Dense and dynamically sparse causal attention (FlashAttention-2 in Triton, arXiv 2306.01160).
+
+Tensors are (batch, heads, seq, head_dim) as in ``torch.nn.functional.scaled_dot_product_attention``.
+
+* ``flash_attention``: dense, causal or not.
+* ``qk_sparse_attention``: query i sees key j iff q_keep[i] and k_keep[j] and j <= i.
+* ``hash_sparse_attention``: query i sees key j iff q_buckets[i] == k_buckets[j] and j <= i.
+
+The sparse ops reorder queries and keys on the device, without a host synchronisation (a stable
+compaction of the kept tokens by prefix sums, or a stable sort by bucket that keeps time order
+inside a bucket). In that order every query sees one contiguous run of keys [lo, hi), found once by
+``searchsorted``, and the kernels visit only the key blocks (backward: also only the query blocks)
+that these windows touch. Outputs are scattered back to the original positions; rows that see no
+key are exactly 0. Sparse times therefore include compaction/sorting and scattering.
+
+Dispatch: CUDA tensors run the Triton kernels (float16, bfloat16, float32; head dims 16, 32, 64,
+128). CPU tensors run the Triton kernels only under the Triton interpreter (``TRITON_INTERPRET=1``,
+set by the test suite), otherwise the math reference of ``fastllm.ops.flash_attention_ref``:
+Triton has no compiled CPU backend, and the reference is faster than the interpreter. float64
+inputs, other head dims and ``FASTLLM_BACKEND=reference`` also use the reference (on the tensors'
+own device). Forward and backward are ``torch.library.triton_op`` custom ops with autograd, so
+``torch.compile(fullgraph=True)`` sees the kernels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fastllm.ops import _backend
+from fastllm.ops._validate import check_same_device, check_shape, check_tensor
+from fastllm.ops.flash_attention_ref import (
+    attention_backward_reference,
+    attention_with_lse_reference,
+    causal_mask,
+    flash_attention_reference,
+    hash_sparse_attention_reference,
+    qk_sparse_attention_reference,
+    window_mask,
+)
+from fastllm.profiling import nvtx_range
+
+try:
+    from fastllm.triton_kernels import flash_attention as _kernels
+except ImportError:  # Triton is an optional dependency
+    _kernels = None
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+BUCKET_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+
+
+def triton_path(q: torch.Tensor) -> bool:
+    """Whether the Triton kernels take ``q`` (see the module docstring for the rule)."""
+    if _kernels is None or q.dtype not in _kernels.KERNEL_DTYPES or q.shape[-1] not in _kernels.HEAD_DIMS:
+        if q.device.type == "cuda":
+            _backend.warn_once(f"flash_attention_{q.dtype}_{q.shape[-1]}", (
+                "fastllm.flash_attention: no Triton kernel for "
+                + ("this machine (install triton>=3.6)" if _kernels is None
+                   else f"dtype {q.dtype} with head dim {q.shape[-1]} (kernels: {_kernels.HEAD_DIMS})")
+                + "; using the math reference on the GPU (O(T^2) memory)"))
+        return False
+    return q.device.type == "cuda" or (q.device.type == "cpu" and _kernels.INTERPRET)
+
+
+def _visible(q: torch.Tensor, row_lo: torch.Tensor | None, row_hi: torch.Tensor | None, causal: bool):
+    if row_lo is not None:
+        return window_mask(row_lo, row_hi)
+    return causal_mask(q.shape[-2], q.device) if causal else None
+
+
+@torch.library.triton_op("fastllm::flash_attention_forward", mutates_args=())
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_lo: torch.Tensor | None,
+             row_hi: torch.Tensor | None, causal: bool, softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse): lse is fp32 natural log-sum-exp, +inf for rows that see no key; not differentiable.
+
+    With row windows (int32 (B, H, T), non-decreasing) row i sees keys [row_lo[i], row_hi[i]) and
+    ``causal`` is ignored.
+    """
+    if triton_path(q):
+        return _kernels.attention_forward(q, k, v, row_lo, row_hi, causal, softmax_scale)
+    out, lse = attention_with_lse_reference(q, k, v, _visible(q, row_lo, row_hi, causal), softmax_scale)
+    return out.contiguous(), lse.float()
+
+
+@torch.library.triton_op("fastllm::flash_attention_backward", mutates_args=())
+def _backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+              lse: torch.Tensor, row_lo: torch.Tensor | None, row_hi: torch.Tensor | None, causal: bool,
+              softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if triton_path(q):
+        return _kernels.attention_backward(dout, q, k, v, out, lse, row_lo, row_hi, causal, softmax_scale)
+    return attention_backward_reference(dout, q, k, v, out, lse, _visible(q, row_lo, row_hi, causal), softmax_scale)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, row_lo, row_hi, causal, softmax_scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, row_lo, row_hi)
+    ctx.causal, ctx.softmax_scale = causal, softmax_scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward_rule(ctx, dout, dlse):
+    q, k, v, out, lse, row_lo, row_hi = ctx.saved_tensors
+    dq, dk, dv = _backward(dout, q, k, v, out, lse, row_lo, row_hi, ctx.causal, ctx.softmax_scale)
+    return dq, dk, dv, None, None, None, None
+
+
+_forward.register_autograd(_backward_rule, setup_context=_setup_context)
+
+
+def _validate_qkv(q, k, v) -> None:
+    q = check_tensor("q", q, dtypes=DTYPES, ndim=4)
+    for name, t in (("k", k), ("v", v)):
+        check_tensor(name, t, dtypes=(q.dtype,), ndim=4)
+        check_shape(name, t, q.shape, "q")
+    check_same_device([("q", q), ("k", k), ("v", v)])
+    if q.shape[0] * q.shape[1] > 65535:
+        raise ValueError(f"q: batch * heads must be at most 65535, got shape {tuple(q.shape)}")
+
+
+def _validate_per_token(name: str, t, q: torch.Tensor, dtypes) -> None:
+    check_tensor(name, t, dtypes=dtypes, ndim=3)
+    check_shape(name, t, q.shape[:3], "q's (batch, heads, seq)")
+    check_same_device([("q", q), (name, t)])
+
+
+def _scale(q: torch.Tensor, softmax_scale: float | None) -> float:
+    return 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+                    softmax_scale: float | None = None) -> torch.Tensor:
+    """softmax(q k^T * softmax_scale [+ causal mask]) v; ``softmax_scale`` defaults to 1/sqrt(head_dim)."""
+    _validate_qkv(q, k, v)
+    scale = _scale(q, softmax_scale)
+    if _backend.current_backend() == "reference":
+        return flash_attention_reference(q, k, v, causal, scale)
+    with nvtx_range("fastllm.flash_attention"):
+        return _forward(q, k, v, None, None, bool(causal), scale)[0]
+
+
+def _gather_rows(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    return torch.gather(x, 2, order[..., None].expand(x.shape))
+
+
+def _windowed(q, k, v, q_order, k_order, row_lo, row_hi, scale) -> torch.Tensor:
+    """Attention in the reordered frame (row r is query q_order[r], column c is key k_order[c])."""
+    out = _forward(_gather_rows(q, q_order), _gather_rows(k, k_order), _gather_rows(v, k_order),
+                   row_lo, row_hi, True, scale)[0]
+    return torch.scatter(torch.empty_like(out), 2, q_order[..., None].expand(out.shape), out)
+
+
+def _stable_partition(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Kept tokens first, each part in time order: (order (int64), kept count up to each position
+    inclusive (int32), number kept (B, H, 1))."""
+    T = keep.shape[-1]
+    positions = torch.arange(T, device=keep.device, dtype=torch.int32)
+    kept_upto = torch.cumsum(keep, -1, dtype=torch.int32)
+    n_kept = kept_upto[..., -1:]
+    rank = torch.where(keep, kept_upto - 1, n_kept + positions - kept_upto).long()
+    order = torch.empty_like(rank).scatter_(-1, rank, positions.long().expand_as(rank))
+    return order, kept_upto, n_kept
+
+
+def qk_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_keep: torch.Tensor,
+                        k_keep: torch.Tensor, softmax_scale: float | None = None) -> torch.Tensor:
+    """Causal attention between the kept queries and the kept keys (bool (B, H, T) masks).
+
+    Query i sees key j iff q_keep[i] and k_keep[j] and j <= i (original positions). Rows of dropped
+    queries, and of kept queries that see no kept key, are exactly 0.
+    """
+    _validate_qkv(q, k, v)
+    _validate_per_token("q_keep", q_keep, q, (torch.bool,))
+    _validate_per_token("k_keep", k_keep, q, (torch.bool,))
+    scale = _scale(q, softmax_scale)
+    if _backend.current_backend() == "reference" or q.numel() == 0:
+        return qk_sparse_attention_reference(q, k, v, q_keep, k_keep, scale)
+    with nvtx_range("fastllm.qk_sparse_attention"):
+        q_order, _, nq = _stable_partition(q_keep)
+        k_order, keys_upto, nk = _stable_partition(k_keep)
+        # Kept query r sees the kept keys at positions <= its own: the first keys_upto[pos] of them.
+        kept_row = torch.arange(q.shape[2], device=q.device, dtype=torch.int32) < nq
+        row_hi = torch.where(kept_row, torch.gather(keys_upto, -1, q_order), nk)
+        row_lo = torch.where(kept_row, 0, nk)  # dropped queries: an empty window past every kept key
+        return _windowed(q, k, v, q_order, k_order, row_lo.contiguous(), row_hi.contiguous(), scale)
+
+
+def hash_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_buckets: torch.Tensor,
+                          k_buckets: torch.Tensor, softmax_scale: float | None = None) -> torch.Tensor:
+    """Causal attention inside buckets (integer (B, H, T), values within the int32 range).
+
+    Query i sees key j iff q_buckets[i] == k_buckets[j] and j <= i. Rows that see no key are 0.
+    """
+    _validate_qkv(q, k, v)
+    _validate_per_token("q_buckets", q_buckets, q, BUCKET_DTYPES)
+    _validate_per_token("k_buckets", k_buckets, q, BUCKET_DTYPES)
+    scale = _scale(q, softmax_scale)
+    if _backend.current_backend() == "reference" or q.numel() == 0:
+        return hash_sparse_attention_reference(q, k, v, q_buckets, k_buckets, scale)
+    with nvtx_range("fastllm.hash_sparse_attention"):
+        T = q.shape[2]
+        q_sorted, q_order = torch.sort(q_buckets.long(), dim=-1, stable=True)
+        k_sorted, k_order = torch.sort(k_buckets.long(), dim=-1, stable=True)
+        # (bucket, position) packed into one sortable key: the keys query r sees are those from
+        # (its bucket, 0) to (its bucket, its position), one contiguous run in key order.
+        k_packed = k_sorted * T + k_order
+        row_lo = torch.searchsorted(k_packed, q_sorted * T, out_int32=True)
+        row_hi = torch.searchsorted(k_packed, q_sorted * T + q_order, right=True, out_int32=True)
+        return _windowed(q, k, v, q_order, k_order, row_lo, row_hi, scale)

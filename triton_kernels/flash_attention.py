@@ -1,0 +1,353 @@
+"""FlashAttention-2 in Triton, dense or with per-row key windows (the sparse attentions' kernel).
+
+Every query row ``i`` of one (batch, head) attends the keys ``j`` with ``lo[i] <= j < hi[i]``:
+
+* MODE_FULL: ``[0, T)``;  MODE_CAUSAL: ``[0, i + 1)``;
+* MODE_WINDOW: ``lo``, ``hi`` read from int32 tensors (B*H, T). The sparse attentions reorder
+  queries and keys (a stable compaction of kept tokens, or a stable sort by bucket) so that every
+  query sees one contiguous run of keys, and both ``lo`` and ``hi`` are non-decreasing in ``i``.
+  The key columns of the backward get the transposed windows, ``col_lo[j] <= i < col_hi[j]``.
+
+A program skips every key block outside its rows' windows (and, in the dK/dV pass, every query
+block outside its columns' windows), and builds the element mask only for tiles that some row
+sees partly. Rows that see no key get exactly zero output and a log-sum-exp of +inf, which makes
+their probabilities (and so their gradients) exactly zero in the backward.
+
+Forward: online softmax in base 2, saves the natural-log log-sum-exp (fp32). Backward: a
+preprocess for ``delta = rowsum(dO * O)``, one pass over key blocks for dK and dV and a separate
+pass over query blocks for dQ (no atomics). Accumulation is fp32; fp32 inputs use IEEE products
+(no TF32) so they can serve as tests. Head dims are powers of two from 16 to 128.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+MODE_FULL, MODE_CAUSAL, MODE_WINDOW = 0, 1, 2
+HEAD_DIMS = (16, 32, 64, 128)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# Under the interpreter (CPU tests) one small tile keeps runs fast and still crosses blocks.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+LOG2E = 1.4426950408889634
+
+
+def _configs(shapes: list[tuple[int, int, int, int]]) -> list[triton.Config]:
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+
+
+# (BLOCK_M, BLOCK_N, warps, stages) for sm_80 / sm_90; BLOCK_M tiles queries, BLOCK_N keys.
+_FWD = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 32, 4, 4),
+                 (64, 64, 4, 4), (64, 32, 4, 4), (64, 128, 4, 3)])
+_DKDV = _configs([(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 4), (64, 64, 4, 3), (64, 64, 8, 2),
+                  (128, 128, 8, 2)])
+_DQ = _configs([(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4), (128, 128, 8, 2)])
+# Tiles that do not fit shared memory (128-dim heads on sm_80) are dropped by the autotuner.
+_TUNE_KEY = ["T", "HEAD_DIM", "MODE"]
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _windows(LO, HI, offs, T, MODE: tl.constexpr):
+    """[lo, hi) of the keys (or, with the column tables, queries) each index sees; none past T."""
+    valid = offs < T
+    if MODE == 2:
+        lo = tl.load(LO + offs, mask=valid, other=T)
+        hi = tl.load(HI + offs, mask=valid, other=0)
+    elif MODE == 1:
+        lo = tl.where(valid, 0, T)
+        hi = tl.where(valid, offs + 1, 0)
+    else:
+        lo = tl.where(valid, 0, T)
+        hi = tl.where(valid, T, 0)
+    return lo, hi
+
+
+@triton.autotune(configs=_FWD, key=_TUNE_KEY)
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, LO, HI, scale_log2,
+                stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+                H, T, HEAD_DIM: tl.constexpr, MODE: tl.constexpr, IEEE: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Heaviest (last, under a causal mask) query blocks first: a shorter tail.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    Q += b * stride_qb + h * stride_qh
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    O += bh.to(tl.int64) * T * HEAD_DIM
+    LSE += bh.to(tl.int64) * T
+    LO += bh.to(tl.int64) * T
+    HI += bh.to(tl.int64) * T
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_valid = offs_m < T
+    lo, hi = _windows(LO, HI, offs_m, T, MODE)
+    lo_max = tl.max(lo, 0)
+    hi_min = tl.min(hi, 0)
+    q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_valid[:, None], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for start_n in tl.range((tl.min(lo, 0) // BLOCK_N) * BLOCK_N, tl.max(hi, 0), BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kt = tl.load(K + offs_n[None, :] * stride_kt + offs_d[:, None], mask=offs_n[None, :] < T, other=0.0)
+        s = _dot(q, kt, IEEE) * scale_log2
+        if (start_n < lo_max) | (start_n + BLOCK_N > hi_min):  # some row sees only part of this tile
+            visible = (offs_n[None, :] >= lo[:, None]) & (offs_n[None, :] < hi[:, None])
+            s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen no key yet keeps m = -inf; subtracting 0 keeps its p and alpha at 0.
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_sub[:, None])
+        alpha = tl.math.exp2(m_i - m_sub)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :], mask=offs_n[:, None] < T, other=0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+        m_i = m_new
+
+    seen = l_i > 0.0
+    l_safe = tl.where(seen, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("inf"))
+    tl.store(O + offs_m[:, None] * HEAD_DIM + offs_d[None, :], out.to(O.dtype.element_ty), mask=row_valid[:, None])
+    tl.store(LSE + offs_m, lse, mask=row_valid)
+
+
+@triton.jit
+def _bwd_preprocess_kernel(O, DO, DELTA, stride_dob, stride_doh, stride_dot, H, T,
+                           HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_valid = offs_m < T
+    o = tl.load(O + bh.to(tl.int64) * T * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
+                mask=row_valid[:, None], other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
+                 mask=row_valid[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh.to(tl.int64) * T + offs_m, delta, mask=row_valid)
+
+
+@triton.autotune(configs=_DKDV, key=_TUNE_KEY)
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, LO, HI, COL_LO, COL_HI, scale_log2, scale,
+                     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                     stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
+                     H, T, HEAD_DIM: tl.constexpr, MODE: tl.constexpr, IEEE: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    Q += b * stride_qb + h * stride_qh
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    DO += b * stride_dob + h * stride_doh
+    row_base = bh.to(tl.int64) * T
+    LSE += row_base
+    DELTA += row_base
+    LO += row_base
+    HI += row_base
+    COL_LO += row_base
+    COL_HI += row_base
+    DK += row_base * HEAD_DIM
+    DV += row_base * HEAD_DIM
+
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    col_valid = offs_n < T
+    k = tl.load(K + offs_n[:, None] * stride_kt + offs_d[None, :], mask=col_valid[:, None], other=0.0)
+    v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :], mask=col_valid[:, None], other=0.0)
+    # The query rows that can see this key block.
+    if MODE == 2:
+        q_lo, q_hi = _windows(COL_LO, COL_HI, offs_n, T, MODE)
+        first_m = tl.min(q_lo, 0)
+        end_m = tl.max(q_hi, 0)
+    elif MODE == 1:
+        first_m = start_n
+        end_m = T
+    else:
+        first_m = 0
+        end_m = T
+
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    for start_m in tl.range((first_m // BLOCK_M) * BLOCK_M, end_m, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_valid = offs_m < T
+        lo, hi = _windows(LO, HI, offs_m, T, MODE)
+        qt = tl.load(Q + offs_m[None, :] * stride_qt + offs_d[:, None], mask=row_valid[None, :], other=0.0)
+        lse2 = tl.load(LSE + offs_m, mask=row_valid, other=float("inf")) * 1.4426950408889634
+        pt = tl.math.exp2(_dot(k, qt, IEEE) * scale_log2 - lse2[None, :])
+        if (start_n < tl.max(lo, 0)) | (start_n + BLOCK_N > tl.min(hi, 0)):
+            visible = (offs_n[:, None] >= lo[None, :]) & (offs_n[:, None] < hi[None, :])
+            pt = tl.where(visible, pt, 0.0)
+        do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_valid[:, None], other=0.0)
+        dv += _dot(pt.to(do.dtype), do, IEEE)
+        delta = tl.load(DELTA + offs_m, mask=row_valid, other=0.0)
+        dst = pt * (_dot(v, tl.trans(do), IEEE) - delta[None, :])
+        dk += _dot(dst.to(qt.dtype), tl.trans(qt), IEEE)
+
+    out_mask = col_valid[:, None]
+    tl.store(DK + offs_n[:, None] * HEAD_DIM + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=out_mask)
+    tl.store(DV + offs_n[:, None] * HEAD_DIM + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=out_mask)
+
+
+@triton.autotune(configs=_DQ, key=_TUNE_KEY)
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, LO, HI, scale_log2, scale,
+                   stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                   stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
+                   H, T, HEAD_DIM: tl.constexpr, MODE: tl.constexpr, IEEE: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    Q += b * stride_qb + h * stride_qh
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    DO += b * stride_dob + h * stride_doh
+    row_base = bh.to(tl.int64) * T
+    LSE += row_base
+    DELTA += row_base
+    LO += row_base
+    HI += row_base
+    DQ += row_base * HEAD_DIM
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_valid = offs_m < T
+    lo, hi = _windows(LO, HI, offs_m, T, MODE)
+    lo_max = tl.max(lo, 0)
+    hi_min = tl.min(hi, 0)
+    q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_valid[:, None], other=0.0)
+    do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_valid[:, None], other=0.0)
+    lse2 = tl.load(LSE + offs_m, mask=row_valid, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(DELTA + offs_m, mask=row_valid, other=0.0)
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for start_n in tl.range((tl.min(lo, 0) // BLOCK_N) * BLOCK_N, tl.max(hi, 0), BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        key_valid = offs_n[None, :] < T
+        kt = tl.load(K + offs_n[None, :] * stride_kt + offs_d[:, None], mask=key_valid, other=0.0)
+        vt = tl.load(V + offs_n[None, :] * stride_vt + offs_d[:, None], mask=key_valid, other=0.0)
+        p = tl.math.exp2(_dot(q, kt, IEEE) * scale_log2 - lse2[:, None])
+        if (start_n < lo_max) | (start_n + BLOCK_N > hi_min):
+            visible = (offs_n[None, :] >= lo[:, None]) & (offs_n[None, :] < hi[:, None])
+            p = tl.where(visible, p, 0.0)
+        ds = p * (_dot(do, vt, IEEE) - delta[:, None])
+        dq += _dot(ds.to(kt.dtype), tl.trans(kt), IEEE)
+
+    tl.store(DQ + offs_m[:, None] * HEAD_DIM + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
+             mask=row_valid[:, None])
+
+
+def _mode(row_lo: torch.Tensor | None, causal: bool) -> int:
+    if row_lo is not None:
+        return MODE_WINDOW
+    return MODE_CAUSAL if causal else MODE_FULL
+
+
+def _strides(x: torch.Tensor) -> tuple[int, int, int]:
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _unit_last(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_lo: torch.Tensor | None,
+                      row_hi: torch.Tensor | None, causal: bool, softmax_scale: float
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launches the forward on (B, H, T, D) q, k, v; returns (out contiguous, lse fp32 (B, H, T)).
+
+    With ``row_lo``/``row_hi`` (int32, contiguous (B, H, T)) row i sees keys [row_lo[i], row_hi[i]),
+    and ``causal`` is ignored.
+    """
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    B, H, T, D = q.shape
+    out = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    mode = _mode(row_lo, causal)
+    lo = row_lo if row_lo is not None else lse  # any pointer: MODE_FULL/MODE_CAUSAL never read it
+    hi = row_hi if row_hi is not None else lse
+
+    def grid(meta):
+        return (triton.cdiv(T, meta["BLOCK_M"]), B * H)
+
+    wrap_triton(_fwd_kernel)[grid](
+        q, k, v, out, lse, lo, hi, softmax_scale * LOG2E, *_strides(q), *_strides(k), *_strides(v), H, T,
+        HEAD_DIM=D, MODE=mode, IEEE=q.dtype == torch.float32)
+    return out, lse
+
+
+def column_windows(row_lo: torch.Tensor, row_hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For non-decreasing row windows: key j is seen by exactly the rows [col_lo[j], col_hi[j])."""
+    T = row_lo.shape[-1]
+    keys = torch.arange(T, device=row_lo.device, dtype=row_lo.dtype).expand(row_lo.shape).contiguous()
+    col_lo = torch.searchsorted(row_hi, keys, right=True, out_int32=True)  # first row with hi > j
+    col_hi = torch.searchsorted(row_lo, keys, right=True, out_int32=True)  # rows with lo <= j
+    return col_lo, col_hi
+
+
+def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                       lse: torch.Tensor, row_lo: torch.Tensor | None, row_hi: torch.Tensor | None, causal: bool,
+                       softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launches the backward; returns contiguous (dq, dk, dv). ``out`` is the forward's (contiguous)."""
+    q, k, v, dout = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(dout)
+    out = out.contiguous()
+    B, H, T, D = q.shape
+    dq, dk, dv = torch.empty_like(out), torch.empty_like(out), torch.empty_like(out)
+    if out.numel() == 0:
+        return dq, dk, dv
+    mode = _mode(row_lo, causal)
+    delta = torch.empty_like(lse)
+    block = 16 if INTERPRET else 64
+    wrap_triton(_bwd_preprocess_kernel)[(triton.cdiv(T, block), B * H)](
+        out, dout, delta, *_strides(dout), H, T, HEAD_DIM=D, BLOCK_M=block)
+    if row_lo is not None:
+        col_lo, col_hi = column_windows(row_lo, row_hi)
+    else:
+        row_lo = row_hi = col_lo = col_hi = lse  # never read outside MODE_WINDOW
+    strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout))
+    ieee = q.dtype == torch.float32
+
+    def grid_n(meta):
+        return (triton.cdiv(T, meta["BLOCK_N"]), B * H)
+
+    def grid_m(meta):
+        return (triton.cdiv(T, meta["BLOCK_M"]), B * H)
+
+    wrap_triton(_bwd_dkdv_kernel)[grid_n](
+        q, k, v, dout, lse, delta, dk, dv, row_lo, row_hi, col_lo, col_hi, softmax_scale * LOG2E, softmax_scale,
+        *strides, H, T, HEAD_DIM=D, MODE=mode, IEEE=ieee)
+    wrap_triton(_bwd_dq_kernel)[grid_m](
+        q, k, v, dout, lse, delta, dq, row_lo, row_hi, softmax_scale * LOG2E, softmax_scale,
+        *strides, H, T, HEAD_DIM=D, MODE=mode, IEEE=ieee)
+    return dq, dk, dv
+
