@@ -10,10 +10,11 @@ Every query row ``i`` of one (batch, head) attends the keys ``j`` with ``lo[i] <
 
 A program skips every key block outside its rows' windows (and, in the dK/dV pass, every query
 block outside its columns' windows), and builds the element mask only for tiles that some row
-sees partly. Rows that see no key get exactly zero output and a log-sum-exp of +inf, which makes
+sees partly. Rows that see no key get exactly zero output and a row maximum of +inf, which makes
 their probabilities (and so their gradients) exactly zero in the backward.
 
-Forward: online softmax in base 2, saves the natural-log log-sum-exp (fp32). Backward: a
+Forward: online softmax in base 2; saves each row's maximum and log2 of its sum (fp32), from
+which the backward recomputes the probabilities with the forward's own roundings. Backward: a
 preprocess for ``delta = rowsum(dO * O)``, one pass over key blocks for dK and dV and a separate
 pass over query blocks for dQ (no atomics). Accumulation is fp32; fp32 inputs use IEEE products
 (no TF32) so they can serve as tests. Head dims are powers of two from 16 to 128.
@@ -79,7 +80,7 @@ def _windows(LO, HI, offs, T, MODE: tl.constexpr):
 
 @triton.autotune(configs=_FWD, key=_TUNE_KEY)
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, LO, HI, scale_log2,
+def _fwd_kernel(Q, K, V, O, STATS, LO, HI, scale_log2,
                 stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
                 H, T, HEAD_DIM: tl.constexpr, MODE: tl.constexpr, IEEE: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -92,7 +93,8 @@ def _fwd_kernel(Q, K, V, O, LSE, LO, HI, scale_log2,
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
     O += bh.to(tl.int64) * T * HEAD_DIM
-    LSE += bh.to(tl.int64) * T
+    n_rows = tl.num_programs(1).to(tl.int64) * T
+    STATS += bh.to(tl.int64) * T
     LO += bh.to(tl.int64) * T
     HI += bh.to(tl.int64) * T
 
@@ -110,14 +112,15 @@ def _fwd_kernel(Q, K, V, O, LSE, LO, HI, scale_log2,
     for start_n in tl.range((tl.min(lo, 0) // BLOCK_N) * BLOCK_N, tl.max(hi, 0), BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kt = tl.load(K + offs_n[None, :] * stride_kt + offs_d[:, None], mask=offs_n[None, :] < T, other=0.0)
-        s = _dot(q, kt, IEEE) * scale_log2
+        s = _dot(q, kt, IEEE)
         if (start_n < lo_max) | (start_n + BLOCK_N > hi_min):  # some row sees only part of this tile
             visible = (offs_n[None, :] >= lo[:, None]) & (offs_n[None, :] < hi[:, None])
             s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
         # A row that has seen no key yet keeps m = -inf; subtracting 0 keeps its p and alpha at 0.
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_sub[:, None])
+        # One rounding for scale and shift: the exponent's error sets the probabilities' error.
+        p = tl.math.exp2(tl.fma(s, scale_log2, -m_sub[:, None]))
         alpha = tl.math.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :], mask=offs_n[:, None] < T, other=0.0)
@@ -127,9 +130,13 @@ def _fwd_kernel(Q, K, V, O, LSE, LO, HI, scale_log2,
     seen = l_i > 0.0
     l_safe = tl.where(seen, l_i, 1.0)
     out = acc / l_safe[:, None]
-    lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("inf"))
+    # p = 2^(s * scale_log2 - m - log2(l)); the backward recomputes the first subtraction with
+    # the very m used here, so its rounding cancels against l.
+    m_i = tl.where(seen, m_i, float("inf"))
+    log2_l = tl.math.log2(l_safe)
     tl.store(O + offs_m[:, None] * HEAD_DIM + offs_d[None, :], out.to(O.dtype.element_ty), mask=row_valid[:, None])
-    tl.store(LSE + offs_m, lse, mask=row_valid)
+    tl.store(STATS + offs_m, m_i, mask=row_valid)
+    tl.store(STATS + n_rows + offs_m, log2_l, mask=row_valid)
 
 
 @triton.jit
@@ -151,7 +158,7 @@ def _bwd_preprocess_kernel(O, DO, DELTA, stride_dob, stride_doh, stride_dot, H, 
 
 @triton.autotune(configs=_DKDV, key=_TUNE_KEY)
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, LO, HI, COL_LO, COL_HI, scale_log2, scale,
+def _bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV, LO, HI, COL_LO, COL_HI, scale_log2, scale,
                      stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                      stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
                      H, T, HEAD_DIM: tl.constexpr, MODE: tl.constexpr, IEEE: tl.constexpr,
@@ -165,7 +172,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, LO, HI, COL_LO, COL_HI, sc
     V += b * stride_vb + h * stride_vh
     DO += b * stride_dob + h * stride_doh
     row_base = bh.to(tl.int64) * T
-    LSE += row_base
+    n_rows = tl.num_programs(1).to(tl.int64) * T
+    STATS += row_base
     DELTA += row_base
     LO += row_base
     HI += row_base
@@ -199,8 +207,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, LO, HI, COL_LO, COL_HI, sc
         row_valid = offs_m < T
         lo, hi = _windows(LO, HI, offs_m, T, MODE)
         qt = tl.load(Q + offs_m[None, :] * stride_qt + offs_d[:, None], mask=row_valid[None, :], other=0.0)
-        lse2 = tl.load(LSE + offs_m, mask=row_valid, other=float("inf")) * 1.4426950408889634
-        pt = tl.math.exp2(_dot(k, qt, IEEE) * scale_log2 - lse2[None, :])
+        m = tl.load(STATS + offs_m, mask=row_valid, other=float("inf"))
+        log2_l = tl.load(STATS + n_rows + offs_m, mask=row_valid, other=0.0)
+        pt = tl.math.exp2(tl.fma(_dot(k, qt, IEEE), scale_log2, -m[None, :]) - log2_l[None, :])
         if (start_n < tl.max(lo, 0)) | (start_n + BLOCK_N > tl.min(hi, 0)):
             visible = (offs_n[:, None] >= lo[None, :]) & (offs_n[:, None] < hi[None, :])
             pt = tl.where(visible, pt, 0.0)
@@ -217,7 +226,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, LO, HI, COL_LO, COL_HI, sc
 
 @triton.autotune(configs=_DQ, key=_TUNE_KEY)
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, LO, HI, scale_log2, scale,
+def _bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ, LO, HI, scale_log2, scale,
                    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                    stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
                    H, T, HEAD_DIM: tl.constexpr, MODE: tl.constexpr, IEEE: tl.constexpr,
@@ -231,7 +240,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, LO, HI, scale_log2, scale,
     V += b * stride_vb + h * stride_vh
     DO += b * stride_dob + h * stride_doh
     row_base = bh.to(tl.int64) * T
-    LSE += row_base
+    n_rows = tl.num_programs(1).to(tl.int64) * T
+    STATS += row_base
     DELTA += row_base
     LO += row_base
     HI += row_base
@@ -245,7 +255,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, LO, HI, scale_log2, scale,
     hi_min = tl.min(hi, 0)
     q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_valid[:, None], other=0.0)
     do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_valid[:, None], other=0.0)
-    lse2 = tl.load(LSE + offs_m, mask=row_valid, other=float("inf")) * 1.4426950408889634
+    m = tl.load(STATS + offs_m, mask=row_valid, other=float("inf"))
+    log2_l = tl.load(STATS + n_rows + offs_m, mask=row_valid, other=0.0)
     delta = tl.load(DELTA + offs_m, mask=row_valid, other=0.0)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -254,7 +265,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, LO, HI, scale_log2, scale,
         key_valid = offs_n[None, :] < T
         kt = tl.load(K + offs_n[None, :] * stride_kt + offs_d[:, None], mask=key_valid, other=0.0)
         vt = tl.load(V + offs_n[None, :] * stride_vt + offs_d[:, None], mask=key_valid, other=0.0)
-        p = tl.math.exp2(_dot(q, kt, IEEE) * scale_log2 - lse2[:, None])
+        p = tl.math.exp2(tl.fma(_dot(q, kt, IEEE), scale_log2, -m[:, None]) - log2_l[:, None])
         if (start_n < lo_max) | (start_n + BLOCK_N > hi_min):
             visible = (offs_n[None, :] >= lo[:, None]) & (offs_n[None, :] < hi[:, None])
             p = tl.where(visible, p, 0.0)
@@ -282,7 +293,10 @@ def _unit_last(x: torch.Tensor) -> torch.Tensor:
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_lo: torch.Tensor | None,
                       row_hi: torch.Tensor | None, causal: bool, softmax_scale: float
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launches the forward on (B, H, T, D) q, k, v; returns (out contiguous, lse fp32 (B, H, T)).
+    """Launches the forward on (B, H, T, D) q, k, v; returns (out contiguous, stats fp32 (2, B, H, T)).
+
+    Row i's probabilities are 2^(s_ij * scale * log2(e) - stats[0, i] - stats[1, i]) (row maximum
+    and log2 of the row sum; +inf and 0 for rows that see no key).
 
     With ``row_lo``/``row_hi`` (int32, contiguous (B, H, T)) row i sees keys [row_lo[i], row_hi[i]),
     and ``causal`` is ignored.
@@ -290,20 +304,20 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_lo:
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     B, H, T, D = q.shape
     out = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
+    stats = torch.empty((2, B, H, T), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
-        return out, lse
+        return out, stats
     mode = _mode(row_lo, causal)
-    lo = row_lo if row_lo is not None else lse  # any pointer: MODE_FULL/MODE_CAUSAL never read it
-    hi = row_hi if row_hi is not None else lse
+    lo = row_lo if row_lo is not None else stats  # any pointer: MODE_FULL/MODE_CAUSAL never read it
+    hi = row_hi if row_hi is not None else stats
 
     def grid(meta):
         return (triton.cdiv(T, meta["BLOCK_M"]), B * H)
 
     wrap_triton(_fwd_kernel)[grid](
-        q, k, v, out, lse, lo, hi, softmax_scale * LOG2E, *_strides(q), *_strides(k), *_strides(v), H, T,
+        q, k, v, out, stats, lo, hi, softmax_scale * LOG2E, *_strides(q), *_strides(k), *_strides(v), H, T,
         HEAD_DIM=D, MODE=mode, IEEE=q.dtype == torch.float32)
-    return out, lse
+    return out, stats
 
 
 def column_windows(row_lo: torch.Tensor, row_hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -316,7 +330,7 @@ def column_windows(row_lo: torch.Tensor, row_hi: torch.Tensor) -> tuple[torch.Te
 
 
 def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                       lse: torch.Tensor, row_lo: torch.Tensor | None, row_hi: torch.Tensor | None, causal: bool,
+                       stats: torch.Tensor, row_lo: torch.Tensor | None, row_hi: torch.Tensor | None, causal: bool,
                        softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launches the backward; returns contiguous (dq, dk, dv). ``out`` is the forward's (contiguous)."""
     q, k, v, dout = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(dout)
@@ -326,14 +340,14 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     if out.numel() == 0:
         return dq, dk, dv
     mode = _mode(row_lo, causal)
-    delta = torch.empty_like(lse)
+    delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     block = 16 if INTERPRET else 64
     wrap_triton(_bwd_preprocess_kernel)[(triton.cdiv(T, block), B * H)](
         out, dout, delta, *_strides(dout), H, T, HEAD_DIM=D, BLOCK_M=block)
     if row_lo is not None:
         col_lo, col_hi = column_windows(row_lo, row_hi)
     else:
-        row_lo = row_hi = col_lo = col_hi = lse  # never read outside MODE_WINDOW
+        row_lo = row_hi = col_lo = col_hi = stats  # never read outside MODE_WINDOW
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout))
     ieee = q.dtype == torch.float32
 
@@ -344,10 +358,10 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         return (triton.cdiv(T, meta["BLOCK_M"]), B * H)
 
     wrap_triton(_bwd_dkdv_kernel)[grid_n](
-        q, k, v, dout, lse, delta, dk, dv, row_lo, row_hi, col_lo, col_hi, softmax_scale * LOG2E, softmax_scale,
+        q, k, v, dout, stats, delta, dk, dv, row_lo, row_hi, col_lo, col_hi, softmax_scale * LOG2E, softmax_scale,
         *strides, H, T, HEAD_DIM=D, MODE=mode, IEEE=ieee)
     wrap_triton(_bwd_dq_kernel)[grid_m](
-        q, k, v, dout, lse, delta, dq, row_lo, row_hi, softmax_scale * LOG2E, softmax_scale,
+        q, k, v, dout, stats, delta, dq, row_lo, row_hi, softmax_scale * LOG2E, softmax_scale,
         *strides, H, T, HEAD_DIM=D, MODE=mode, IEEE=ieee)
     return dq, dk, dv
 

@@ -14,6 +14,8 @@ import torch
 from fastllm.ops import _backend
 from fastllm.ops._backend import build_info, current_backend, use_backend
 from fastllm.ops.ademamix import ademamix_step_
+from fastllm.ops.flash_attention import (attention_implementation, flash_attention, hash_sparse_attention,
+                                         qk_sparse_attention)
 
 
 def _triton_installed() -> bool:
@@ -35,8 +37,11 @@ def available() -> dict:
                 "cpu": "reference" if reference or not _backend.has_cpu_kernels() else "cpp",
                 "cuda": cuda_kernel,
             },
+            **dict.fromkeys(("flash_attention", "qk_sparse_attention", "hash_sparse_attention"),
+                            {"cpu": attention_implementation("cpu"), "cuda": attention_implementation("cuda")}),
         },
     }
 
 
-__all__ = ["ademamix_step_", "available", "build_info", "current_backend", "use_backend"]
+__all__ = ["ademamix_step_", "available", "build_info", "current_backend", "flash_attention", "hash_sparse_attention",
+           "qk_sparse_attention", "use_backend"]

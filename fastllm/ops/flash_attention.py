@@ -27,12 +27,14 @@ from __future__ import annotations
 import math
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.functional_tensor import FunctionalTensor
 
 from fastllm.ops import _backend
 from fastllm.ops._validate import check_same_device, check_shape, check_tensor
 from fastllm.ops.flash_attention_ref import (
     attention_backward_reference,
-    attention_with_lse_reference,
+    attention_with_stats_reference,
     causal_mask,
     flash_attention_reference,
     hash_sparse_attention_reference,
@@ -47,6 +49,7 @@ except ImportError:  # Triton is an optional dependency
     _kernels = None
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_LOG2E = 1.4426950408889634
 BUCKET_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 
 
@@ -60,7 +63,19 @@ def triton_path(q: torch.Tensor) -> bool:
                    else f"dtype {q.dtype} with head dim {q.shape[-1]} (kernels: {_kernels.HEAD_DIMS})")
                 + "; using the math reference on the GPU (O(T^2) memory)"))
         return False
-    return q.device.type == "cuda" or (q.device.type == "cpu" and _kernels.INTERPRET)
+    # The interpreter runs kernels on real CPU tensors at once: under tracing (fake or functional
+    # tensors: opcheck, torch.compile) the CPU graph gets the reference instead.
+    return q.device.type == "cuda" or (q.device.type == "cpu" and _kernels.INTERPRET
+                                       and not isinstance(q, (FakeTensor, FunctionalTensor)))
+
+
+def attention_implementation(device_type: str) -> str:
+    """What the attention ops run on ``device_type`` ('cpu' or 'cuda') in float16/bfloat16/float32."""
+    if _backend.current_backend() == "reference" or _kernels is None:
+        return "reference"
+    if device_type == "cuda":
+        return "triton"
+    return "triton-interpreter" if device_type == "cpu" and _kernels.INTERPRET else "reference"
 
 
 def _visible(q: torch.Tensor, row_lo: torch.Tensor | None, row_hi: torch.Tensor | None, causal: bool):
@@ -72,37 +87,40 @@ def _visible(q: torch.Tensor, row_lo: torch.Tensor | None, row_hi: torch.Tensor 
 @torch.library.triton_op("fastllm::flash_attention_forward", mutates_args=())
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_lo: torch.Tensor | None,
              row_hi: torch.Tensor | None, causal: bool, softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, lse): lse is fp32 natural log-sum-exp, +inf for rows that see no key; not differentiable.
+    """(out, stats): stats (fp32 (2, B, H, T), not differentiable) hold each row's maximum scaled
+    score (in log2 units) and log2 of its softmax denominator, see ``attention_forward``.
 
     With row windows (int32 (B, H, T), non-decreasing) row i sees keys [row_lo[i], row_hi[i]) and
     ``causal`` is ignored.
     """
     if triton_path(q):
         return _kernels.attention_forward(q, k, v, row_lo, row_hi, causal, softmax_scale)
-    out, lse = attention_with_lse_reference(q, k, v, _visible(q, row_lo, row_hi, causal), softmax_scale)
-    return out.contiguous(), lse.float()
+    out, row_max, lse = attention_with_stats_reference(q, k, v, _visible(q, row_lo, row_hi, causal), softmax_scale)
+    seen = lse < float("inf")
+    return out.contiguous(), torch.stack([row_max * _LOG2E, torch.where(seen, (lse - row_max) * _LOG2E, 0.0)])
 
 
 @torch.library.triton_op("fastllm::flash_attention_backward", mutates_args=())
 def _backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-              lse: torch.Tensor, row_lo: torch.Tensor | None, row_hi: torch.Tensor | None, causal: bool,
+              stats: torch.Tensor, row_lo: torch.Tensor | None, row_hi: torch.Tensor | None, causal: bool,
               softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if triton_path(q):
-        return _kernels.attention_backward(dout, q, k, v, out, lse, row_lo, row_hi, causal, softmax_scale)
+        return _kernels.attention_backward(dout, q, k, v, out, stats, row_lo, row_hi, causal, softmax_scale)
+    lse = (stats[0] + stats[1]) / _LOG2E
     return attention_backward_reference(dout, q, k, v, out, lse, _visible(q, row_lo, row_hi, causal), softmax_scale)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, row_lo, row_hi, causal, softmax_scale = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, row_lo, row_hi)
+    out, stats = output
+    ctx.save_for_backward(q, k, v, out, stats, row_lo, row_hi)
     ctx.causal, ctx.softmax_scale = causal, softmax_scale
-    ctx.mark_non_differentiable(lse)
+    ctx.mark_non_differentiable(stats)
 
 
-def _backward_rule(ctx, dout, dlse):
-    q, k, v, out, lse, row_lo, row_hi = ctx.saved_tensors
-    dq, dk, dv = _backward(dout, q, k, v, out, lse, row_lo, row_hi, ctx.causal, ctx.softmax_scale)
+def _backward_rule(ctx, dout, dstats):
+    q, k, v, out, stats, row_lo, row_hi = ctx.saved_tensors
+    dq, dk, dv = _backward(dout, q, k, v, out, stats, row_lo, row_hi, ctx.causal, ctx.softmax_scale)
     return dq, dk, dv, None, None, None, None
 
 
@@ -126,7 +144,11 @@ def _validate_per_token(name: str, t, q: torch.Tensor, dtypes) -> None:
 
 
 def _scale(q: torch.Tensor, softmax_scale: float | None) -> float:
-    return 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(q.shape[-1])
+    if not softmax_scale > 0:  # the kernels track the row maximum of the unscaled scores
+        raise ValueError(f"softmax_scale must be positive, got {softmax_scale}")
+    return float(softmax_scale)
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,

@@ -11,24 +11,26 @@ import math
 import torch
 
 
-def attention_with_lse_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor | None,
-                                  softmax_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_with_stats_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor | None,
+                                    softmax_scale: float | None = None
+                                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """softmax(q k^T * scale) v over the ``visible`` (bool, broadcast to (B, H, T, T)) keys of each row.
 
-    Returns (out, lse) where lse is the natural log-sum-exp of the visible scaled scores, in fp32
-    (+inf for rows that see no key, whose output is exactly 0).
+    Returns (out, row_max, lse): the maximum and the natural log-sum-exp of each row's visible
+    scaled scores, in fp32 (+inf for rows that see no key, whose output is exactly 0).
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
     scores = torch.matmul(q, k.transpose(-2, -1)) * scale
     if visible is None:
         probs = torch.softmax(scores, dim=-1)
-        return torch.matmul(probs, v), torch.logsumexp(scores.float(), dim=-1)
+        return torch.matmul(probs, v), scores.amax(-1).float(), torch.logsumexp(scores.float(), dim=-1)
     scores = scores.masked_fill(~visible, float("-inf"))
     seen = visible.any(dim=-1, keepdim=True).expand(scores.shape[:-1] + (1,))
     lse = torch.logsumexp(scores.float(), dim=-1).masked_fill(~seen[..., 0], float("inf"))
+    row_max = scores.amax(-1).float().masked_fill(~seen[..., 0], float("inf"))
     # Rows without keys: a finite softmax (so no NaN reaches the gradients), then zeroed.
     probs = torch.softmax(scores.masked_fill(~seen, 0.0), dim=-1).masked_fill(~seen, 0.0)
-    return torch.matmul(probs, v), lse
+    return torch.matmul(probs, v), row_max, lse
 
 
 def causal_mask(T: int, device: torch.device | str) -> torch.Tensor:
@@ -44,21 +46,21 @@ def window_mask(row_lo: torch.Tensor, row_hi: torch.Tensor) -> torch.Tensor:
 def flash_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
                               softmax_scale: float | None = None) -> torch.Tensor:
     visible = causal_mask(q.shape[-2], q.device) if causal else None
-    return attention_with_lse_reference(q, k, v, visible, softmax_scale)[0]
+    return attention_with_stats_reference(q, k, v, visible, softmax_scale)[0]
 
 
 def qk_sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_keep: torch.Tensor,
                                   k_keep: torch.Tensor, softmax_scale: float | None = None) -> torch.Tensor:
     """Query i sees key j iff q_keep[i] and k_keep[j] and j <= i."""
     visible = q_keep[..., :, None] & k_keep[..., None, :] & causal_mask(q.shape[-2], q.device)
-    return attention_with_lse_reference(q, k, v, visible, softmax_scale)[0]
+    return attention_with_stats_reference(q, k, v, visible, softmax_scale)[0]
 
 
 def hash_sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_buckets: torch.Tensor,
                                     k_buckets: torch.Tensor, softmax_scale: float | None = None) -> torch.Tensor:
     """Query i sees key j iff q_buckets[i] == k_buckets[j] and j <= i."""
     visible = (q_buckets[..., :, None] == k_buckets[..., None, :]) & causal_mask(q.shape[-2], q.device)
-    return attention_with_lse_reference(q, k, v, visible, softmax_scale)[0]
+    return attention_with_stats_reference(q, k, v, visible, softmax_scale)[0]
 
 
 def attention_backward_reference(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
