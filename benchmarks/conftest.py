@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
 import torch
+
+# Benchmarks import their shared baselines (benchmarks/baselines.py) by module name.
+sys.path.insert(0, str(Path(__file__).parent))
 
 _RESULTS: dict[str, dict[str, dict]] = defaultdict(dict)
 

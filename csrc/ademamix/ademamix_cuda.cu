@@ -32,13 +32,13 @@ __global__ void __launch_bounds__(kThreads) ademamix_kernel(const AdemamixBatch 
     const int64_t end = min(begin + kChunkElements, tensor.numel);
     for (int64_t i = begin + 4 * threadIdx.x; i < end; i += 4 * kThreads) {
       if (kVectorized && i + 4 <= end) {
-        auto* pp = reinterpret_cast<Vec4<P>*>(static_cast<P*>(tensor.param) + i);
-        auto* m1p = reinterpret_cast<Vec4<S>*>(static_cast<S*>(tensor.exp_avg_fast) + i);
-        auto* m2p = reinterpret_cast<Vec4<S>*>(static_cast<S*>(tensor.exp_avg_slow) + i);
-        auto* nup = reinterpret_cast<Vec4<S>*>(static_cast<S*>(tensor.exp_avg_sq) + i);
-        const Vec4<P> g = *reinterpret_cast<const Vec4<P>*>(static_cast<const P*>(tensor.grad) + i);
-        Vec4<P> p = *pp;
-        Vec4<S> m1 = *m1p, m2 = *m2p, nu = *nup;
+        P* param = static_cast<P*>(tensor.param) + i;
+        S* m1s = static_cast<S*>(tensor.exp_avg_fast) + i;
+        S* m2s = static_cast<S*>(tensor.exp_avg_slow) + i;
+        S* nus = static_cast<S*>(tensor.exp_avg_sq) + i;
+        const Vec4<P> g = load_streaming(static_cast<const P*>(tensor.grad) + i);
+        Vec4<P> p = load_streaming(param);
+        Vec4<S> m1 = load_streaming(m1s), m2 = load_streaming(m2s), nu = load_streaming(nus);
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
           float pf = to_float(p.v[j]), m1f = to_float(m1.v[j]), m2f = to_float(m2.v[j]), nuf = to_float(nu.v[j]);
@@ -50,10 +50,11 @@ __global__ void __launch_bounds__(kThreads) ademamix_kernel(const AdemamixBatch 
           m2.v[j] = Store<S>::round(m2f, sr, sr ? hash_bits(h.seed, rounding_stream(tensor_id, 2), e) : 0u);
           nu.v[j] = Store<S>::round(nuf, sr, sr ? hash_bits(h.seed, rounding_stream(tensor_id, 3), e) : 0u);
         }
-        *pp = p;
-        *m1p = m1;
-        *m2p = m2;
-        *nup = nu;
+        // Parameters are re-read by the next forward pass; only the states stream past L2.
+        *reinterpret_cast<Vec4<P>*>(param) = p;
+        store_streaming(m1s, m1);
+        store_streaming(m2s, m2);
+        store_streaming(nus, nu);
       } else {
         for (int64_t e = i; e < min(i + 4, end); ++e) ademamix_element<P, S>(tensor, tensor_id, e, h);
       }
