@@ -45,13 +45,20 @@ def _configs(shapes: list[tuple[int, int, int, int]]) -> list[triton.Config]:
 
 
 # (BLOCK_M, BLOCK_N, warps, stages) for sm_80 / sm_90; BLOCK_M tiles queries, BLOCK_N keys.
-_FWD = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 32, 4, 4),
-                 (64, 64, 4, 4), (64, 32, 4, 4), (64, 128, 4, 3)])
-_DKDV = _configs([(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 4), (64, 64, 4, 3), (64, 64, 8, 2),
-                  (128, 128, 8, 2)])
-_DQ = _configs([(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4), (128, 128, 8, 2)])
+_FWD = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 4)])
+_DKDV = _configs([(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4)])
+_DQ = _configs([(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)])
+# float32 (IEEE products on CUDA cores, for tests): small tiles, one config each, quick to compile.
+_FP32_ROWS = _configs([(64, 32, 4, 2)])
+_FP32_COLS = _configs([(32, 64, 4, 2)])
 # Tiles that do not fit shared memory (128-dim heads on sm_80) are dropped by the autotuner.
 _TUNE_KEY = ["T", "HEAD_DIM", "MODE"]
+
+
+def _tuned(kernel, configs, fp32_configs):
+    """The kernel autotuned over ``configs``, and over ``fp32_configs`` for float32 inputs."""
+    return {False: triton.autotune(configs=configs, key=_TUNE_KEY)(kernel),
+            True: triton.autotune(configs=fp32_configs, key=_TUNE_KEY)(kernel)}
 
 
 @triton.jit
@@ -78,7 +85,6 @@ def _windows(LO, HI, offs, T, MODE: tl.constexpr):
     return lo, hi
 
 
-@triton.autotune(configs=_FWD, key=_TUNE_KEY)
 @triton.jit
 def _fwd_kernel(Q, K, V, O, STATS, LO, HI, scale_log2,
                 stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
@@ -156,7 +162,6 @@ def _bwd_preprocess_kernel(O, DO, DELTA, stride_dob, stride_doh, stride_dot, H, 
     tl.store(DELTA + bh.to(tl.int64) * T + offs_m, delta, mask=row_valid)
 
 
-@triton.autotune(configs=_DKDV, key=_TUNE_KEY)
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV, LO, HI, COL_LO, COL_HI, scale_log2, scale,
                      stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
@@ -224,7 +229,6 @@ def _bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV, LO, HI, COL_LO, COL_HI, 
     tl.store(DV + offs_n[:, None] * HEAD_DIM + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=out_mask)
 
 
-@triton.autotune(configs=_DQ, key=_TUNE_KEY)
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ, LO, HI, scale_log2, scale,
                    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
@@ -276,6 +280,11 @@ def _bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ, LO, HI, scale_log2, scale,
              mask=row_valid[:, None])
 
 
+_FWD_TUNED = _tuned(_fwd_kernel, _FWD, _FP32_ROWS)
+_DKDV_TUNED = _tuned(_bwd_dkdv_kernel, _DKDV, _FP32_COLS)
+_DQ_TUNED = _tuned(_bwd_dq_kernel, _DQ, _FP32_ROWS)
+
+
 def _mode(row_lo: torch.Tensor | None, causal: bool) -> int:
     if row_lo is not None:
         return MODE_WINDOW
@@ -314,7 +323,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_lo:
     def grid(meta):
         return (triton.cdiv(T, meta["BLOCK_M"]), B * H)
 
-    wrap_triton(_fwd_kernel)[grid](
+    wrap_triton(_FWD_TUNED[q.dtype == torch.float32])[grid](
         q, k, v, out, stats, lo, hi, softmax_scale * LOG2E, *_strides(q), *_strides(k), *_strides(v), H, T,
         HEAD_DIM=D, MODE=mode, IEEE=q.dtype == torch.float32)
     return out, stats
@@ -357,10 +366,10 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     def grid_m(meta):
         return (triton.cdiv(T, meta["BLOCK_M"]), B * H)
 
-    wrap_triton(_bwd_dkdv_kernel)[grid_n](
+    wrap_triton(_DKDV_TUNED[ieee])[grid_n](
         q, k, v, dout, stats, delta, dk, dv, row_lo, row_hi, col_lo, col_hi, softmax_scale * LOG2E, softmax_scale,
         *strides, H, T, HEAD_DIM=D, MODE=mode, IEEE=ieee)
-    wrap_triton(_bwd_dq_kernel)[grid_m](
+    wrap_triton(_DQ_TUNED[ieee])[grid_m](
         q, k, v, dout, stats, delta, dq, row_lo, row_hi, softmax_scale * LOG2E, softmax_scale,
         *strides, H, T, HEAD_DIM=D, MODE=mode, IEEE=ieee)
     return dq, dk, dv

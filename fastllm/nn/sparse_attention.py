@@ -1,0 +1,181 @@
+"""Dynamically sparse causal attention layers for the model zoo (arXiv 2306.01160).
+
+Both take (batch, heads, seq, head_dim) q, k, v and follow the attention-registry signature
+``fn(q, k, v, *, causal=True, doc_ids=None, softmax_scale=None) -> out`` of fastllm.nn.attention:
+
+* ``HashSparseAttention``: angular LSH (Andoni et al. 2015; as in Reformer). Per head, a fixed
+  random rotation R (head_dim x n_buckets/2) maps a vector x to argmax([xR, -xR]). Separate
+  hashing buckets queries by q and keys by k (query i sees key j iff their buckets match and
+  j <= i); shared hashing gives each token one bucket, from its query, for both roles, so that
+  every query sees at least itself.
+* ``QKDropAttention``: query i sees key j iff both are kept and j <= i; dropped queries output 0
+  (the residual stream carries them). ``learned=False`` keeps each query and key with probability
+  1 - drop_rate, drawn anew at every call; ``learned=True`` keeps a token when a per-head linear
+  score of its query (key) vector is positive. The hard decision passes gradients straight
+  through a sigmoid of the score (the output of a kept query and the value of a kept key are
+  multiplied by sigmoid(s) / sigmoid(s).detach(), which is 1), so the scores of kept tokens learn;
+  dropped tokens get no gradient. The bias starts at Phi^-1(1 - drop_rate), which keeps about that
+  share at initialisation for unit-variance q and k.
+
+Packed sequences: with ``doc_ids`` (batch, seq) no query sees a key of another document (the
+document id is folded into the buckets). Both layers are causal; ``causal=False`` is an error.
+
+Wiring into the attention registry: ``register_sparse_attentions(register_attention)`` registers
+the stateless variants "hash_sparse" (8 buckets, separate hashing), "hash_sparse_shared_qk" and
+"qk_drop" (random, 50%). Their rotations come from a fixed seed per (heads, head_dim, buckets), so
+every layer and every call hashes alike. The learned QK-dropping layer has parameters: a model
+owns a ``QKDropAttention(..., learned=True)`` module per layer and calls it like the registry
+functions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from fastllm.ops import hash_sparse_attention, qk_sparse_attention
+
+
+def random_rotations(n_heads: int, head_dim: int, n_buckets: int, seed: int = 0,
+                     device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(heads, head_dim, n_buckets // 2) Gaussian rotations for ``angular_lsh``, fixed by ``seed``."""
+    if n_buckets < 2 or n_buckets % 2:
+        raise ValueError(f"n_buckets must be an even number >= 2, got {n_buckets}")
+    generator = torch.Generator().manual_seed(seed)
+    rotations = torch.randn(n_heads, head_dim, n_buckets // 2, generator=generator)
+    return rotations.to(device=device, dtype=dtype)
+
+
+def angular_lsh(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    """Bucket (int64 (B, H, T)) of each (B, H, T, D) vector: argmax over [xR, -xR] per head.
+
+    Vectors at a small angle share a bucket with high probability; the norm does not matter.
+    """
+    projected = torch.einsum("bhtd,hdr->bhtr", x, rotations.to(x.dtype))
+    return torch.cat([projected, -projected], dim=-1).argmax(dim=-1)
+
+
+def _with_documents(buckets: torch.Tensor, doc_ids: torch.Tensor | None, n_buckets: int) -> torch.Tensor:
+    """Buckets that never match across documents: (document, bucket) numbered as one integer."""
+    if doc_ids is None:
+        return buckets
+    return doc_ids[:, None, :].to(buckets.dtype) * n_buckets + buckets
+
+
+def _check_causal(causal: bool, layer: str) -> None:
+    if not causal:
+        raise ValueError(f"{layer} is causal attention only; got causal=False")
+
+
+def hash_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotations: torch.Tensor, *,
+                shared_qk: bool = False, doc_ids: torch.Tensor | None = None,
+                softmax_scale: float | None = None) -> torch.Tensor:
+    """Hash-sparse causal attention with buckets from ``angular_lsh`` (see the module docstring)."""
+    n_buckets = 2 * rotations.shape[-1]
+    q_buckets = _with_documents(angular_lsh(q, rotations), doc_ids, n_buckets)
+    k_buckets = q_buckets if shared_qk else _with_documents(angular_lsh(k, rotations), doc_ids, n_buckets)
+    return hash_sparse_attention(q, k, v, q_buckets, k_buckets, softmax_scale=softmax_scale)
+
+
+def qk_drop(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_keep: torch.Tensor, k_keep: torch.Tensor, *,
+            doc_ids: torch.Tensor | None = None, softmax_scale: float | None = None) -> torch.Tensor:
+    """Causal attention between kept queries and kept keys, within documents when ``doc_ids`` given."""
+    if doc_ids is None:
+        return qk_sparse_attention(q, k, v, q_keep, k_keep, softmax_scale=softmax_scale)
+    # Kept tokens carry their document id as bucket; dropped queries and keys get ids that never match.
+    docs = doc_ids[:, None, :].expand(q_keep.shape).long()
+    return hash_sparse_attention(q, k, v, torch.where(q_keep, docs, -1), torch.where(k_keep, docs, -2),
+                                 softmax_scale=softmax_scale)
+
+
+class HashSparseAttention(nn.Module):
+    """Hash-sparse causal attention with per-head angular LSH (fixed random rotations, a buffer)."""
+
+    def __init__(self, n_heads: int, head_dim: int, n_buckets: int = 8, shared_qk: bool = False, seed: int = 0):
+        super().__init__()
+        self.n_buckets, self.shared_qk = n_buckets, shared_qk
+        self.register_buffer("rotations", random_rotations(n_heads, head_dim, n_buckets, seed))
+
+    def forward(self, q, k, v, *, causal: bool = True, doc_ids=None, softmax_scale=None) -> torch.Tensor:
+        _check_causal(causal, "HashSparseAttention")
+        return hash_sparse(q, k, v, self.rotations, shared_qk=self.shared_qk, doc_ids=doc_ids,
+                           softmax_scale=softmax_scale)
+
+    def extra_repr(self) -> str:
+        return f"n_buckets={self.n_buckets}, shared_qk={self.shared_qk}"
+
+
+class QKDropAttention(nn.Module):
+    """Causal attention that drops queries and keys: at random, or by learned per-head scores."""
+
+    def __init__(self, n_heads: int, head_dim: int, drop_rate: float = 0.5, learned: bool = False):
+        super().__init__()
+        if not 0.0 <= drop_rate < 1.0:
+            raise ValueError(f"drop_rate must lie in [0, 1), got {drop_rate}")
+        self.drop_rate, self.learned = drop_rate, learned
+        if learned:
+            # s = x . w + b with w ~ N(0, 1/head_dim): s ~ N(b, 1) for unit-variance x.
+            bias = torch.special.ndtri(torch.tensor(1.0 - drop_rate)).item() if drop_rate > 0 else 4.0
+            self.q_gate = nn.Parameter(torch.randn(n_heads, head_dim) / math.sqrt(head_dim))
+            self.k_gate = nn.Parameter(torch.randn(n_heads, head_dim) / math.sqrt(head_dim))
+            self.q_bias = nn.Parameter(torch.full((n_heads,), bias))
+            self.k_bias = nn.Parameter(torch.full((n_heads,), bias))
+
+    def forward(self, q, k, v, *, causal: bool = True, doc_ids=None, softmax_scale=None) -> torch.Tensor:
+        _check_causal(causal, "QKDropAttention")
+        if not self.learned:
+            q_keep = torch.rand(q.shape[:3], device=q.device) >= self.drop_rate
+            k_keep = torch.rand(k.shape[:3], device=k.device) >= self.drop_rate
+            return qk_drop(q, k, v, q_keep, k_keep, doc_ids=doc_ids, softmax_scale=softmax_scale)
+        q_score = torch.einsum("bhtd,hd->bht", q, self.q_gate.to(q.dtype)) + self.q_bias[:, None].to(q.dtype)
+        k_score = torch.einsum("bhtd,hd->bht", k, self.k_gate.to(k.dtype)) + self.k_bias[:, None].to(k.dtype)
+        q_pass, k_pass = _straight_through(q_score), _straight_through(k_score)
+        out = qk_drop(q, k, v * k_pass[..., None], q_score > 0, k_score > 0, doc_ids=doc_ids,
+                      softmax_scale=softmax_scale)
+        return out * q_pass[..., None]
+
+    def extra_repr(self) -> str:
+        return f"drop_rate={self.drop_rate}, learned={self.learned}"
+
+
+def _straight_through(score: torch.Tensor) -> torch.Tensor:
+    """1 in value, with the gradient of sigmoid(score) / sigmoid(score) = 1 - sigmoid(score)."""
+    gate = torch.sigmoid(score)
+    return gate / gate.detach()
+
+
+_ROTATIONS: dict[tuple, torch.Tensor] = {}
+
+
+def _shared_rotations(q: torch.Tensor, n_buckets: int, seed: int) -> torch.Tensor:
+    key = (q.shape[1], q.shape[3], n_buckets, seed, q.device, q.dtype)
+    if key not in _ROTATIONS:
+        _ROTATIONS[key] = random_rotations(q.shape[1], q.shape[3], n_buckets, seed, q.device, q.dtype)
+    return _ROTATIONS[key]
+
+
+def hash_sparse_attention_fn(n_buckets: int = 8, shared_qk: bool = False, seed: int = 0) -> Callable:
+    """A stateless registry function: hash-sparse attention with rotations fixed by ``seed``."""
+    random_rotations(1, 1, n_buckets)  # validates n_buckets now rather than at the first call
+
+    def attend(q, k, v, *, causal=True, doc_ids=None, softmax_scale=None):
+        _check_causal(causal, "hash-sparse attention")
+        return hash_sparse(q, k, v, _shared_rotations(q, n_buckets, seed), shared_qk=shared_qk, doc_ids=doc_ids,
+                           softmax_scale=softmax_scale)
+    return attend
+
+
+def qk_drop_attention_fn(drop_rate: float = 0.5) -> Callable:
+    """A stateless registry function: queries and keys dropped at random with ``drop_rate``."""
+    layer = QKDropAttention(1, 1, drop_rate)  # holds no parameters
+    return layer.forward
+
+
+def register_sparse_attentions(register_attention: Callable[[str, Callable], None]) -> None:
+    """Registers "hash_sparse", "hash_sparse_shared_qk" and "qk_drop" with ``register_attention``."""
+    register_attention("hash_sparse", hash_sparse_attention_fn(8))
+    register_attention("hash_sparse_shared_qk", hash_sparse_attention_fn(8, shared_qk=True))
+    register_attention("qk_drop", qk_drop_attention_fn(0.5))
