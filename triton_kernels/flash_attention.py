@@ -86,6 +86,13 @@ def _windows(LO, HI, offs, T, MODE: tl.constexpr):
 
 
 @triton.jit
+def _window_end(lo, hi):
+    """End of the union of the windows; 0 when all are empty (dropped queries or keys, whose empty
+    windows sit past the kept ones), so that their blocks skip the loop."""
+    return tl.where(tl.max(hi - lo, 0) > 0, tl.max(hi, 0), 0)
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, O, STATS, LO, HI, scale_log2,
                 stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
                 H, T, HEAD_DIM: tl.constexpr, MODE: tl.constexpr, IEEE: tl.constexpr,
@@ -115,7 +122,7 @@ def _fwd_kernel(Q, K, V, O, STATS, LO, HI, scale_log2,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    for start_n in tl.range((tl.min(lo, 0) // BLOCK_N) * BLOCK_N, tl.max(hi, 0), BLOCK_N):
+    for start_n in tl.range((tl.min(lo, 0) // BLOCK_N) * BLOCK_N, _window_end(lo, hi), BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kt = tl.load(K + offs_n[None, :] * stride_kt + offs_d[:, None], mask=offs_n[None, :] < T, other=0.0)
         s = _dot(q, kt, IEEE)
@@ -197,7 +204,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV, LO, HI, COL_LO, COL_HI, 
     if MODE == 2:
         q_lo, q_hi = _windows(COL_LO, COL_HI, offs_n, T, MODE)
         first_m = tl.min(q_lo, 0)
-        end_m = tl.max(q_hi, 0)
+        end_m = _window_end(q_lo, q_hi)
     elif MODE == 1:
         first_m = start_n
         end_m = T
@@ -264,7 +271,7 @@ def _bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ, LO, HI, scale_log2, scale,
     delta = tl.load(DELTA + offs_m, mask=row_valid, other=0.0)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    for start_n in tl.range((tl.min(lo, 0) // BLOCK_N) * BLOCK_N, tl.max(hi, 0), BLOCK_N):
+    for start_n in tl.range((tl.min(lo, 0) // BLOCK_N) * BLOCK_N, _window_end(lo, hi), BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         key_valid = offs_n[None, :] < T
         kt = tl.load(K + offs_n[None, :] * stride_kt + offs_d[:, None], mask=key_valid, other=0.0)
@@ -317,8 +324,9 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_lo:
     if out.numel() == 0:
         return out, stats
     mode = _mode(row_lo, causal)
-    lo = row_lo if row_lo is not None else stats  # any pointer: MODE_FULL/MODE_CAUSAL never read it
-    hi = row_hi if row_hi is not None else stats
+    unused = torch.empty(1, dtype=torch.int32, device=q.device)  # MODE_FULL/MODE_CAUSAL read no windows
+    lo = row_lo if row_lo is not None else unused
+    hi = row_hi if row_hi is not None else unused
 
     def grid(meta):
         return (triton.cdiv(T, meta["BLOCK_M"]), B * H)
@@ -356,7 +364,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     if row_lo is not None:
         col_lo, col_hi = column_windows(row_lo, row_hi)
     else:
-        row_lo = row_hi = col_lo = col_hi = stats  # never read outside MODE_WINDOW
+        row_lo = row_hi = col_lo = col_hi = torch.empty(1, dtype=torch.int32, device=q.device)  # never read
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout))
     ieee = q.dtype == torch.float32
 

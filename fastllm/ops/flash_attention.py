@@ -162,27 +162,47 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
         return _forward(q, k, v, None, None, bool(causal), scale)[0]
 
 
-def _gather_rows(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+def _gather(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 2, order[..., None].expand(x.shape))
 
 
-def _windowed(q, k, v, q_order, k_order, row_lo, row_hi, scale) -> torch.Tensor:
-    """Attention in the reordered frame (row r is query q_order[r], column c is key k_order[c])."""
-    out = _forward(_gather_rows(q, q_order), _gather_rows(k, k_order), _gather_rows(v, k_order),
-                   row_lo, row_hi, True, scale)[0]
-    return torch.scatter(torch.empty_like(out), 2, q_order[..., None].expand(out.shape), out)
+class _PermuteRows(torch.autograd.Function):
+    """x[:, :, order] for a permutation ``order`` of the sequence; its gradient is the inverse
+    gather (torch.gather's own backward would zero-fill and scatter-add)."""
+
+    @staticmethod
+    def forward(ctx, x, order, inverse):
+        ctx.save_for_backward(inverse)
+        return _gather(x, order)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return _gather(grad, inverse), None, None
 
 
-def _stable_partition(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Kept tokens first, each part in time order: (order (int64), kept count up to each position
-    inclusive (int32), number kept (B, H, 1))."""
+def _inverse(order: torch.Tensor) -> torch.Tensor:
+    positions = torch.arange(order.shape[-1], device=order.device).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, positions)
+
+
+def _windowed(q, k, v, q_order, q_rank, k_order, k_rank, row_lo, row_hi, scale) -> torch.Tensor:
+    """Attention in the reordered frame: row r is query q_order[r], column c is key k_order[c];
+    ``*_rank`` are the inverse permutations."""
+    out = _forward(_PermuteRows.apply(q, q_order, q_rank), _PermuteRows.apply(k, k_order, k_rank),
+                   _PermuteRows.apply(v, k_order, k_rank), row_lo, row_hi, True, scale)[0]
+    return _PermuteRows.apply(out, q_rank, q_order)
+
+
+def _stable_partition(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Kept tokens first, each part in time order: (order, its inverse rank (both int64), kept
+    count up to each position inclusive (int32), number kept (B, H, 1))."""
     T = keep.shape[-1]
     positions = torch.arange(T, device=keep.device, dtype=torch.int32)
     kept_upto = torch.cumsum(keep, -1, dtype=torch.int32)
     n_kept = kept_upto[..., -1:]
     rank = torch.where(keep, kept_upto - 1, n_kept + positions - kept_upto).long()
-    order = torch.empty_like(rank).scatter_(-1, rank, positions.long().expand_as(rank))
-    return order, kept_upto, n_kept
+    return _inverse(rank), rank, kept_upto, n_kept
 
 
 def qk_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_keep: torch.Tensor,
@@ -199,13 +219,13 @@ def qk_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_kee
     if _backend.current_backend() == "reference" or q.numel() == 0:
         return qk_sparse_attention_reference(q, k, v, q_keep, k_keep, scale)
     with nvtx_range("fastllm.qk_sparse_attention"):
-        q_order, _, nq = _stable_partition(q_keep)
-        k_order, keys_upto, nk = _stable_partition(k_keep)
+        q_order, q_rank, _, nq = _stable_partition(q_keep)
+        k_order, k_rank, keys_upto, nk = _stable_partition(k_keep)
         # Kept query r sees the kept keys at positions <= its own: the first keys_upto[pos] of them.
         kept_row = torch.arange(q.shape[2], device=q.device, dtype=torch.int32) < nq
         row_hi = torch.where(kept_row, torch.gather(keys_upto, -1, q_order), nk)
         row_lo = torch.where(kept_row, 0, nk)  # dropped queries: an empty window past every kept key
-        return _windowed(q, k, v, q_order, k_order, row_lo.contiguous(), row_hi.contiguous(), scale)
+        return _windowed(q, k, v, q_order, q_rank, k_order, k_rank, row_lo.contiguous(), row_hi.contiguous(), scale)
 
 
 def hash_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_buckets: torch.Tensor,
@@ -229,4 +249,4 @@ def hash_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_b
         k_packed = k_sorted * T + k_order
         row_lo = torch.searchsorted(k_packed, q_sorted * T, out_int32=True)
         row_hi = torch.searchsorted(k_packed, q_sorted * T + q_order, right=True, out_int32=True)
-        return _windowed(q, k, v, q_order, k_order, row_lo, row_hi, scale)
+        return _windowed(q, k, v, q_order, _inverse(q_order), k_order, _inverse(k_order), row_lo, row_hi, scale)
