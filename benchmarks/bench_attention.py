@@ -136,6 +136,10 @@ def test_sparse_cuda(timer, case, T, D, impl):
     group = f"attn fwd+bwd {kind}-sparse {label} T={T} D={D}"
     if impl == "fastllm_sparse":
         attend = ours
+        # Same-run sanity check against FlexAttention with the same mask (rows seeing no key: 0 in both).
+        with torch.no_grad():
+            err = (ours(q, k, v).float() - _flex(mask_mod, T)(q, k, v).float()).abs().max().item()
+        assert err < 3e-2, f"fastllm {kind}-sparse attention differs from FlexAttention by {err}"
     elif impl == "flex_attention":
         attend = _flex(mask_mod, T)
     else:

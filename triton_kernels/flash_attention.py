@@ -48,17 +48,25 @@ def _configs(shapes: list[tuple[int, int, int, int]]) -> list[triton.Config]:
 _FWD = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 4)])
 _DKDV = _configs([(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4)])
 _DQ = _configs([(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)])
-# float32 (IEEE products on CUDA cores, for tests): small tiles, one config each, quick to compile.
+# Sequences up to SHORT_T use one config (tuning would cost more than it saves); float32 (IEEE
+# products on CUDA cores, for tests) uses one small-tile config.
+SHORT_T = 1024
+_SHORT = _configs([(64, 64, 4, 3)])
 _FP32_ROWS = _configs([(64, 32, 4, 2)])
 _FP32_COLS = _configs([(32, 64, 4, 2)])
 # Tiles that do not fit shared memory (128-dim heads on sm_80) are dropped by the autotuner.
 _TUNE_KEY = ["T", "HEAD_DIM", "MODE"]
 
 
-def _tuned(kernel, configs, fp32_configs):
-    """The kernel autotuned over ``configs``, and over ``fp32_configs`` for float32 inputs."""
-    return {False: triton.autotune(configs=configs, key=_TUNE_KEY)(kernel),
-            True: triton.autotune(configs=fp32_configs, key=_TUNE_KEY)(kernel)}
+def _variants(kernel, configs, fp32_configs):
+    return {name: triton.autotune(configs=c, key=_TUNE_KEY)(kernel)
+            for name, c in (("tuned", configs), ("short", _SHORT), ("fp32", fp32_configs))}
+
+
+def _pick(variants, q: torch.Tensor):
+    if q.dtype == torch.float32:
+        return variants["fp32"]
+    return variants["short"] if q.shape[2] <= SHORT_T else variants["tuned"]
 
 
 @triton.jit
@@ -287,9 +295,9 @@ def _bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ, LO, HI, scale_log2, scale,
              mask=row_valid[:, None])
 
 
-_FWD_TUNED = _tuned(_fwd_kernel, _FWD, _FP32_ROWS)
-_DKDV_TUNED = _tuned(_bwd_dkdv_kernel, _DKDV, _FP32_COLS)
-_DQ_TUNED = _tuned(_bwd_dq_kernel, _DQ, _FP32_ROWS)
+_FWD_KERNELS = _variants(_fwd_kernel, _FWD, _FP32_ROWS)
+_DKDV_KERNELS = _variants(_bwd_dkdv_kernel, _DKDV, _FP32_COLS)
+_DQ_KERNELS = _variants(_bwd_dq_kernel, _DQ, _FP32_ROWS)
 
 
 def _mode(row_lo: torch.Tensor | None, causal: bool) -> int:
@@ -331,7 +339,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_lo:
     def grid(meta):
         return (triton.cdiv(T, meta["BLOCK_M"]), B * H)
 
-    wrap_triton(_FWD_TUNED[q.dtype == torch.float32])[grid](
+    wrap_triton(_pick(_FWD_KERNELS, q))[grid](
         q, k, v, out, stats, lo, hi, softmax_scale * LOG2E, *_strides(q), *_strides(k), *_strides(v), H, T,
         HEAD_DIM=D, MODE=mode, IEEE=q.dtype == torch.float32)
     return out, stats
@@ -374,10 +382,10 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     def grid_m(meta):
         return (triton.cdiv(T, meta["BLOCK_M"]), B * H)
 
-    wrap_triton(_DKDV_TUNED[ieee])[grid_n](
+    wrap_triton(_pick(_DKDV_KERNELS, q))[grid_n](
         q, k, v, dout, stats, delta, dk, dv, row_lo, row_hi, col_lo, col_hi, softmax_scale * LOG2E, softmax_scale,
         *strides, H, T, HEAD_DIM=D, MODE=mode, IEEE=ieee)
-    wrap_triton(_DQ_TUNED[ieee])[grid_m](
+    wrap_triton(_pick(_DQ_KERNELS, q))[grid_m](
         q, k, v, dout, stats, delta, dq, row_lo, row_hi, softmax_scale * LOG2E, softmax_scale,
         *strides, H, T, HEAD_DIM=D, MODE=mode, IEEE=ieee)
     return dq, dk, dv
