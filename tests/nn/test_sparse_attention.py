@@ -140,8 +140,10 @@ def test_registry_functions():
 
 
 def test_layers_on_the_kernel_path():
-    q, k, v = [t.float().requires_grad_() for t in _qkv(B=1, H=2, T=21)]
-    layer = HashSparseAttention(2, 16, n_buckets=4)
+    """The Triton kernels on a GPU, or in the interpreter on CPU tensors."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k, v = [t.float().to(device).requires_grad_() for t in _qkv(B=1, H=2, T=21)]
+    layer = HashSparseAttention(2, 16, n_buckets=4).to(device)
     buckets = angular_lsh(q, layer.rotations), angular_lsh(k, layer.rotations)
     out = layer(q, k, v)
     out.sum().backward()

@@ -31,13 +31,13 @@ def _inputs(shape, dtype, device=DEVICE, scale=1.0):
     return [(torch.randn(shape, dtype=torch.float64, device=device) * scale) for _ in range(3)]
 
 
-def _check(op, reference, shape, dtype, *extra, scale=1.0, softmax_scale=None, grad_floor=None):
+def _check(op, reference, shape, dtype, *extra, scale=1.0, softmax_scale=None, grad_floor=None, device=DEVICE):
     """Forward and every gradient of ``op`` in ``dtype`` against the fp64 reference, with the
     same-precision reference as the baseline of the error-ratio rule. Returns the output and grads.
 
     ``grad_floor``: for gradients that are exactly zero in exact arithmetic (a query that sees one
     key has dq = 0), which the kernel rounds to a few ulps of its O(1) intermediates."""
-    q64, k64, v64 = [t.requires_grad_() for t in _inputs(shape, dtype, scale=scale)]
+    q64, k64, v64 = [t.requires_grad_() for t in _inputs(shape, dtype, device, scale=scale)]
     qkv = [t.detach().to(dtype).requires_grad_() for t in (q64, k64, v64)]
     base = [t.detach().to(dtype).requires_grad_() for t in (q64, k64, v64)]
     out = op(*qkv, *extra, softmax_scale=softmax_scale)
@@ -153,8 +153,9 @@ def test_cpu_path_without_interpreter_is_the_reference(monkeypatch):
     for dtype in DTYPES:
         _check(lambda q, k, v, softmax_scale: flash_attention(q, k, v, True, softmax_scale),
                lambda q, k, v, softmax_scale: flash_attention_reference(q, k, v, True, softmax_scale),
-               shape, dtype, scale=1.5)
-        _check(hash_sparse_attention, hash_sparse_attention_reference, shape, dtype, q_buckets, q_buckets)
+               shape, dtype, scale=1.5, device="cpu")
+        _check(hash_sparse_attention, hash_sparse_attention_reference, shape, dtype, q_buckets, q_buckets,
+               device="cpu")
 
 
 def test_reference_backend_switch():
@@ -166,8 +167,8 @@ def test_reference_backend_switch():
 
 def test_opcheck():
     q, k, v = [t.float().requires_grad_() for t in _inputs((1, 2, 5, 16), torch.float32)]
-    lo = torch.tensor([0, 0, 1, 1, 5], dtype=torch.int32).expand(1, 2, 5).contiguous()
-    hi = torch.tensor([1, 2, 3, 3, 5], dtype=torch.int32).expand(1, 2, 5).contiguous()
+    lo = torch.tensor([0, 0, 1, 1, 5], dtype=torch.int32, device=DEVICE).expand(1, 2, 5).contiguous()
+    hi = torch.tensor([1, 2, 3, 3, 5], dtype=torch.int32, device=DEVICE).expand(1, 2, 5).contiguous()
     # AOT dispatch (12 s here) is covered by test_compile_fullgraph, which traces the same op.
     torch.library.opcheck(fa._forward, (q, k, v, lo, hi, True, 0.25),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
