@@ -6,7 +6,7 @@ Both take (batch, heads, seq, head_dim) q, k, v and follow the attention-registr
 * ``HashSparseAttention``: angular LSH (Andoni et al. 2015; as in Reformer). Per head, a fixed
   random rotation R (head_dim x n_buckets/2) maps a vector x to argmax([xR, -xR]). Separate
   hashing buckets queries by q and keys by k (query i sees key j iff their buckets match and
-  j <= i); shared hashing gives each token one bucket, from its query, for both roles, so that
+  j <= i); shared hashing gives each token one bucket, from its key, for both roles, so that
   every query sees at least itself.
 * ``QKDropAttention``: query i sees key j iff both are kept and j <= i; dropped queries output 0
   (the residual stream carries them). ``learned=False`` keeps each query and key with probability
@@ -19,6 +19,10 @@ Both take (batch, heads, seq, head_dim) q, k, v and follow the attention-registr
 
 Packed sequences: with ``doc_ids`` (batch, seq) no query sees a key of another document (the
 document id is folded into the buckets). Both layers are causal; ``causal=False`` is an error.
+Decoding with a KV cache (fewer queries than keys: the queries are the last positions) uses
+masked math attention, O(queries x keys), with the same visibility rule; the buckets and learned
+decisions of cached keys are recomputed from the keys, so they agree with the full-sequence pass
+(random dropping draws anew).
 
 Wiring into the attention registry: ``register_sparse_attentions(register_attention)`` registers
 the stateless variants "hash_sparse" (8 buckets, separate hashing), "hash_sparse_shared_qk" and
@@ -37,6 +41,7 @@ import torch
 from torch import nn
 
 from fastllm.ops import hash_sparse_attention, qk_sparse_attention
+from fastllm.ops.flash_attention_ref import attention_with_stats_reference
 
 
 def random_rotations(n_heads: int, head_dim: int, n_buckets: int, seed: int = 0,
@@ -70,19 +75,42 @@ def _check_causal(causal: bool, layer: str) -> None:
         raise ValueError(f"{layer} is causal attention only; got causal=False")
 
 
+def _decoding(q: torch.Tensor, k: torch.Tensor, doc_ids) -> bool:
+    """Fewer queries than keys: a KV-cache step, whose queries are the last positions."""
+    if q.shape[2] == k.shape[2]:
+        return False
+    if doc_ids is not None:
+        raise ValueError(f"doc_ids needs as many queries as keys, got {q.shape[2]} queries and {k.shape[2]} keys")
+    return True
+
+
+def _decode(q, k, v, visible_qk: torch.Tensor, softmax_scale) -> torch.Tensor:
+    """Masked math attention of the last q.shape[2] positions over all keys."""
+    Tq, Tk = q.shape[2], k.shape[2]
+    causal = torch.arange(Tk, device=q.device) <= torch.arange(Tk - Tq, Tk, device=q.device)[:, None]
+    return attention_with_stats_reference(q, k, v, visible_qk & causal, softmax_scale)[0]
+
+
 def hash_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotations: torch.Tensor, *,
                 shared_qk: bool = False, doc_ids: torch.Tensor | None = None,
                 softmax_scale: float | None = None) -> torch.Tensor:
     """Hash-sparse causal attention with buckets from ``angular_lsh`` (see the module docstring)."""
     n_buckets = 2 * rotations.shape[-1]
-    q_buckets = _with_documents(angular_lsh(q, rotations), doc_ids, n_buckets)
-    k_buckets = q_buckets if shared_qk else _with_documents(angular_lsh(k, rotations), doc_ids, n_buckets)
+    k_buckets = _with_documents(angular_lsh(k, rotations), doc_ids, n_buckets)
+    if shared_qk:
+        q_buckets = k_buckets[..., k.shape[2] - q.shape[2]:]
+    else:
+        q_buckets = _with_documents(angular_lsh(q, rotations), doc_ids, n_buckets)
+    if _decoding(q, k, doc_ids):
+        return _decode(q, k, v, q_buckets[..., :, None] == k_buckets[..., None, :], softmax_scale)
     return hash_sparse_attention(q, k, v, q_buckets, k_buckets, softmax_scale=softmax_scale)
 
 
 def qk_drop(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_keep: torch.Tensor, k_keep: torch.Tensor, *,
             doc_ids: torch.Tensor | None = None, softmax_scale: float | None = None) -> torch.Tensor:
     """Causal attention between kept queries and kept keys, within documents when ``doc_ids`` given."""
+    if _decoding(q, k, doc_ids):
+        return _decode(q, k, v, q_keep[..., :, None] & k_keep[..., None, :], softmax_scale)
     if doc_ids is None:
         return qk_sparse_attention(q, k, v, q_keep, k_keep, softmax_scale=softmax_scale)
     # Kept tokens carry their document id as bucket; dropped queries and keys get ids that never match.

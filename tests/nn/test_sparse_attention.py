@@ -51,8 +51,8 @@ def test_angular_lsh_buckets():
 def test_hash_sparse_layer_matches_reference(shared_qk):
     q, k, v = _qkv()
     layer = HashSparseAttention(3, 16, n_buckets=4, shared_qk=shared_qk).double()
-    q_buckets = angular_lsh(q, layer.rotations)
-    k_buckets = q_buckets if shared_qk else angular_lsh(k, layer.rotations)
+    k_buckets = angular_lsh(k, layer.rotations)
+    q_buckets = k_buckets if shared_qk else angular_lsh(q, layer.rotations)
     out = layer(q, k, v)
     torch.testing.assert_close(out, hash_sparse_attention_reference(q, k, v, q_buckets, k_buckets))
     if shared_qk:  # every query sees at least itself
@@ -75,6 +75,18 @@ def test_documents_never_see_each_other(layer):
     doc_lengths = [13, 1, 26]
     doc_ids = torch.repeat_interleave(torch.arange(3), torch.tensor(doc_lengths))[None]
     torch.testing.assert_close(layer(q, k, v, doc_ids=doc_ids), _per_document(layer, q, k, v, doc_lengths))
+
+
+@pytest.mark.parametrize("layer", [HashSparseAttention(3, 16, n_buckets=4), HashSparseAttention(3, 16, shared_qk=True),
+                                   QKDropAttention(3, 16, 0.3, learned=True)], ids=["hash", "hash_shared", "qk_learned"])
+def test_kv_cache_steps_match_the_full_sequence(layer):
+    q, k, v = _qkv(B=2)
+    layer = layer.double()
+    full = layer(q, k, v)
+    for Tq in (1, 3):  # the last Tq positions against every key, as a KV-cache step computes them
+        torch.testing.assert_close(layer(q[:, :, -Tq:], k, v), full[:, :, -Tq:])
+    with pytest.raises(ValueError, match="doc_ids"):
+        layer(q[:, :, -1:], k, v, doc_ids=torch.zeros(2, 40, dtype=torch.long))
 
 
 def test_qk_drop_with_documents_matches_reference():
