@@ -78,7 +78,8 @@ def test_documents_never_see_each_other(layer):
 
 
 @pytest.mark.parametrize("layer", [HashSparseAttention(3, 16, n_buckets=4), HashSparseAttention(3, 16, shared_qk=True),
-                                   QKDropAttention(3, 16, 0.3, learned=True)], ids=["hash", "hash_shared", "qk_learned"])
+                                   QKDropAttention(3, 16, 0.3, learned=True)],
+                         ids=["hash", "hash_shared", "qk_learned"])
 def test_kv_cache_steps_match_the_full_sequence(layer):
     q, k, v = _qkv(B=2)
     layer = layer.double()
