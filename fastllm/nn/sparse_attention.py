@@ -17,16 +17,17 @@ Both take (batch, heads, seq, head_dim) q, k, v and follow the attention-registr
   dropped tokens get no gradient. The bias starts at Phi^-1(1 - drop_rate), which keeps about that
   share at initialisation for unit-variance q and k.
 
-Packed sequences: with ``doc_ids`` (batch, seq) no query sees a key of another document (the
-document id is folded into the buckets). Both layers are causal; ``causal=False`` is an error.
-Decoding with a KV cache (fewer queries than keys: the queries are the last positions) uses
-masked math attention, O(queries x keys), with the same visibility rule; the buckets and learned
-decisions of cached keys are recomputed from the keys, so they agree with the full-sequence pass
-(random dropping draws anew).
+Conventions of the registry: k and v may have fewer heads than q (grouped-query attention; each
+query head then gets a copy of its group's keys). With ``doc_ids`` (batch, keys) no query sees a
+key of another document (the document id is folded into the buckets). Decoding with a KV cache
+(fewer queries than keys: the queries are the last positions) uses masked math attention,
+O(queries x keys), with the same visibility rule; the buckets and learned decisions of cached keys
+are recomputed from the keys, so they agree with the full-sequence pass (random dropping draws
+anew). Both layers are causal; ``causal=False`` is an error.
 
 Wiring into the attention registry: ``register_sparse_attentions(register_attention)`` registers
 the stateless variants "hash_sparse" (8 buckets, separate hashing), "hash_sparse_shared_qk" and
-"qk_drop" (random, 50%). Their rotations come from a fixed seed per (heads, head_dim, buckets), so
+"qk_drop" (random, 50%), and "fastllm_flash", dense attention on the same kernels. Their rotations come from a fixed seed per (heads, head_dim, buckets), so
 every layer and every call hashes alike. The learned QK-dropping layer has parameters: a model
 owns a ``QKDropAttention(..., learned=True)`` module per layer and calls it like the registry
 functions.
@@ -40,7 +41,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from fastllm.ops import hash_sparse_attention, qk_sparse_attention
+from fastllm.ops import flash_attention, hash_sparse_attention, qk_sparse_attention
 from fastllm.ops.flash_attention_ref import attention_with_stats_reference
 
 
@@ -75,48 +76,70 @@ def _check_causal(causal: bool, layer: str) -> None:
         raise ValueError(f"{layer} is causal attention only; got causal=False")
 
 
-def _decoding(q: torch.Tensor, k: torch.Tensor, doc_ids) -> bool:
-    """Fewer queries than keys: a KV-cache step, whose queries are the last positions."""
-    if q.shape[2] == k.shape[2]:
-        return False
-    if doc_ids is not None:
-        raise ValueError(f"doc_ids needs as many queries as keys, got {q.shape[2]} queries and {k.shape[2]} keys")
-    return True
+def _expand_kv_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grouped-query attention: each query head gets its own copy of its group's keys and values
+    (the sparse orders differ per query head, so the kernels read per-head keys anyway)."""
+    if k.shape[1] == q.shape[1]:
+        return k, v
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"k has {k.shape[1]} heads, which must divide q's {q.shape[1]}")
+    group = q.shape[1] // k.shape[1]
+    return k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
 
 
-def _decode(q, k, v, visible_qk: torch.Tensor, softmax_scale) -> torch.Tensor:
-    """Masked math attention of the last q.shape[2] positions over all keys."""
+def _masked_attention(q, k, v, visible_qk: torch.Tensor | None, doc_ids, causal: bool, softmax_scale) -> torch.Tensor:
+    """Math attention of the last Tq of Tk positions (a KV-cache step) under the given masks."""
     Tq, Tk = q.shape[2], k.shape[2]
-    causal = torch.arange(Tk, device=q.device) <= torch.arange(Tk - Tq, Tk, device=q.device)[:, None]
-    return attention_with_stats_reference(q, k, v, visible_qk & causal, softmax_scale)[0]
+    visible = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device) if visible_qk is None else visible_qk
+    if causal:
+        visible = visible & (torch.arange(Tk, device=q.device) <= torch.arange(Tk - Tq, Tk, device=q.device)[:, None])
+    if doc_ids is not None:
+        visible = visible & (doc_ids[:, None, Tk - Tq:, None] == doc_ids[:, None, None, :])
+    return attention_with_stats_reference(q, k, v, visible, softmax_scale)[0]
 
 
 def hash_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotations: torch.Tensor, *,
                 shared_qk: bool = False, doc_ids: torch.Tensor | None = None,
                 softmax_scale: float | None = None) -> torch.Tensor:
     """Hash-sparse causal attention with buckets from ``angular_lsh`` (see the module docstring)."""
+    k, v = _expand_kv_heads(q, k, v)
+    k_hash = angular_lsh(k, rotations)
+    q_hash = k_hash[..., k.shape[2] - q.shape[2]:] if shared_qk else angular_lsh(q, rotations)
+    if q.shape[2] != k.shape[2]:
+        return _masked_attention(q, k, v, q_hash[..., :, None] == k_hash[..., None, :], doc_ids, True, softmax_scale)
     n_buckets = 2 * rotations.shape[-1]
-    k_buckets = _with_documents(angular_lsh(k, rotations), doc_ids, n_buckets)
-    if shared_qk:
-        q_buckets = k_buckets[..., k.shape[2] - q.shape[2]:]
-    else:
-        q_buckets = _with_documents(angular_lsh(q, rotations), doc_ids, n_buckets)
-    if _decoding(q, k, doc_ids):
-        return _decode(q, k, v, q_buckets[..., :, None] == k_buckets[..., None, :], softmax_scale)
-    return hash_sparse_attention(q, k, v, q_buckets, k_buckets, softmax_scale=softmax_scale)
+    return hash_sparse_attention(q, k, v, _with_documents(q_hash, doc_ids, n_buckets),
+                                 _with_documents(k_hash, doc_ids, n_buckets), softmax_scale=softmax_scale)
 
 
 def qk_drop(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_keep: torch.Tensor, k_keep: torch.Tensor, *,
             doc_ids: torch.Tensor | None = None, softmax_scale: float | None = None) -> torch.Tensor:
-    """Causal attention between kept queries and kept keys, within documents when ``doc_ids`` given."""
-    if _decoding(q, k, doc_ids):
-        return _decode(q, k, v, q_keep[..., :, None] & k_keep[..., None, :], softmax_scale)
+    """Causal attention between kept queries and kept keys, within documents when ``doc_ids`` given.
+
+    ``k_keep`` has a decision per query head (B, H, Tk), also under grouped-query attention."""
+    k, v = _expand_kv_heads(q, k, v)
+    if q.shape[2] != k.shape[2]:
+        return _masked_attention(q, k, v, q_keep[..., :, None] & k_keep[..., None, :], doc_ids, True, softmax_scale)
     if doc_ids is None:
         return qk_sparse_attention(q, k, v, q_keep, k_keep, softmax_scale=softmax_scale)
     # Kept tokens carry their document id as bucket; dropped queries and keys get ids that never match.
     docs = doc_ids[:, None, :].expand(q_keep.shape).long()
     return hash_sparse_attention(q, k, v, torch.where(q_keep, docs, -1), torch.where(k_keep, docs, -2),
                                  softmax_scale=softmax_scale)
+
+
+def flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
+          doc_ids: torch.Tensor | None = None, softmax_scale: float | None = None) -> torch.Tensor:
+    """Dense attention on fastllm's kernels with the registry's conventions (GQA, KV-cache steps,
+    documents: causal attention within documents is hash-sparse attention with the document ids
+    as buckets)."""
+    k, v = _expand_kv_heads(q, k, v)
+    if q.shape[2] != k.shape[2] or (doc_ids is not None and not causal):
+        return _masked_attention(q, k, v, None, doc_ids, causal, softmax_scale)
+    if doc_ids is None:
+        return flash_attention(q, k, v, causal, softmax_scale)
+    docs = doc_ids[:, None, :].expand(q.shape[:3])
+    return hash_sparse_attention(q, k, v, docs, docs, softmax_scale=softmax_scale)
 
 
 class HashSparseAttention(nn.Module):
@@ -154,6 +177,7 @@ class QKDropAttention(nn.Module):
 
     def forward(self, q, k, v, *, causal: bool = True, doc_ids=None, softmax_scale=None) -> torch.Tensor:
         _check_causal(causal, "QKDropAttention")
+        k, v = _expand_kv_heads(q, k, v)
         if not self.learned:
             q_keep = torch.rand(q.shape[:3], device=q.device) >= self.drop_rate
             k_keep = torch.rand(k.shape[:3], device=k.device) >= self.drop_rate
@@ -203,7 +227,8 @@ def qk_drop_attention_fn(drop_rate: float = 0.5) -> Callable:
 
 
 def register_sparse_attentions(register_attention: Callable[[str, Callable], None]) -> None:
-    """Registers "hash_sparse", "hash_sparse_shared_qk" and "qk_drop" with ``register_attention``."""
+    """Registers "fastllm_flash" (dense), "hash_sparse", "hash_sparse_shared_qk" and "qk_drop"."""
+    register_attention("fastllm_flash", flash)
     register_attention("hash_sparse", hash_sparse_attention_fn(8))
     register_attention("hash_sparse_shared_qk", hash_sparse_attention_fn(8, shared_qk=True))
     register_attention("qk_drop", qk_drop_attention_fn(0.5))

@@ -83,11 +83,23 @@ def test_documents_never_see_each_other(layer):
 def test_kv_cache_steps_match_the_full_sequence(layer):
     q, k, v = _qkv(B=2)
     layer = layer.double()
-    full = layer(q, k, v)
-    for Tq in (1, 3):  # the last Tq positions against every key, as a KV-cache step computes them
-        torch.testing.assert_close(layer(q[:, :, -Tq:], k, v), full[:, :, -Tq:])
-    with pytest.raises(ValueError, match="doc_ids"):
-        layer(q[:, :, -1:], k, v, doc_ids=torch.zeros(2, 40, dtype=torch.long))
+    doc_ids = (torch.arange(40) >= 29).long().expand(2, 40)
+    for docs in (None, doc_ids):
+        full = layer(q, k, v, doc_ids=docs)
+        for Tq in (1, 3):  # the last Tq positions against every key, as a KV-cache step computes them
+            torch.testing.assert_close(layer(q[:, :, -Tq:], k, v, doc_ids=docs), full[:, :, -Tq:])
+
+
+@pytest.mark.parametrize("layer", [HashSparseAttention(4, 16), QKDropAttention(4, 16, 0.3, learned=True)],
+                         ids=["hash", "qk_learned"])
+def test_grouped_query_heads(layer):
+    q = torch.randn(2, 4, 30, 16, dtype=torch.float64)
+    k, v = torch.randn(2, 2, 30, 16, dtype=torch.float64), torch.randn(2, 2, 30, 16, dtype=torch.float64)
+    layer = layer.double()
+    expanded = [t.repeat_interleave(2, dim=1) for t in (k, v)]
+    torch.testing.assert_close(layer(q, k, v), layer(q, *expanded))
+    with pytest.raises(ValueError, match="divide"):
+        layer(q, k[:, :1].expand(2, 3, 30, 16), v[:, :1].expand(2, 3, 30, 16))
 
 
 def test_qk_drop_with_documents_matches_reference():
@@ -142,7 +154,7 @@ def test_non_causal_is_an_error():
 def test_registry_functions():
     registry = {}
     register_sparse_attentions(lambda name, fn: registry.__setitem__(name, fn))
-    assert set(registry) == {"hash_sparse", "hash_sparse_shared_qk", "qk_drop"}
+    assert set(registry) == {"fastllm_flash", "hash_sparse", "hash_sparse_shared_qk", "qk_drop"}
     q, k, v = [t.float() for t in _qkv()]
     doc_ids = (torch.arange(40) >= 20).long().expand(2, 40)
     for name, fn in registry.items():
@@ -150,6 +162,26 @@ def test_registry_functions():
         assert out.shape == q.shape and out.dtype == q.dtype and torch.isfinite(out).all(), name
     # Stateless hashing: the same rotations on every call.
     torch.testing.assert_close(registry["hash_sparse"](q, k, v), registry["hash_sparse"](q, k, v))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_dense_registry_function(causal):
+    registry = {}
+    register_sparse_attentions(lambda name, fn: registry.__setitem__(name, fn))
+    flash = registry["fastllm_flash"]
+    q = torch.randn(2, 4, 30, 16, dtype=torch.float64)
+    k, v = torch.randn(2, 2, 30, 16, dtype=torch.float64), torch.randn(2, 2, 30, 16, dtype=torch.float64)
+    doc_ids = (torch.arange(30) >= 11).long().expand(2, 30)
+    ke, ve = [t.repeat_interleave(2, dim=1) for t in (k, v)]
+    for docs in (None, doc_ids):
+        visible = torch.ones(30, 30, dtype=torch.bool)
+        if causal:
+            visible = visible.tril()
+        if docs is not None:
+            visible = visible & (docs[:, None, :, None] == docs[:, None, None, :])
+        want = torch.softmax((q @ ke.transpose(-2, -1) / 4).masked_fill(~visible, float("-inf")), -1) @ ve
+        torch.testing.assert_close(flash(q, k, v, causal=causal, doc_ids=docs), want)
+        torch.testing.assert_close(flash(q[:, :, -2:], k, v, causal=causal, doc_ids=docs), want[:, :, -2:])
 
 
 def test_layers_on_the_kernel_path():
