@@ -199,24 +199,26 @@ def _straight_through(score: torch.Tensor) -> torch.Tensor:
     return gate / gate.detach()
 
 
-_ROTATIONS: dict[tuple, torch.Tensor] = {}
-
-
-def _shared_rotations(q: torch.Tensor, n_buckets: int, seed: int) -> torch.Tensor:
-    key = (q.shape[1], q.shape[3], n_buckets, seed, q.device, q.dtype)
-    if key not in _ROTATIONS:
-        _ROTATIONS[key] = random_rotations(q.shape[1], q.shape[3], n_buckets, seed, q.device, q.dtype)
-    return _ROTATIONS[key]
+MAX_HEADS, MAX_HEAD_DIM = 128, 256
 
 
 def hash_sparse_attention_fn(n_buckets: int = 8, shared_qk: bool = False, seed: int = 0) -> Callable:
-    """A stateless registry function: hash-sparse attention with rotations fixed by ``seed``."""
-    random_rotations(1, 1, n_buckets)  # validates n_buckets now rather than at the first call
+    """A stateless registry function: hash-sparse attention with rotations fixed by ``seed``.
+
+    The rotations of every (heads, head_dim) are leading slices of one table made here (a random
+    generator cannot be created inside torch.compile'd code), for up to MAX_HEADS heads of up to
+    MAX_HEAD_DIM dimensions.
+    """
+    table = random_rotations(MAX_HEADS, MAX_HEAD_DIM, n_buckets, seed)
 
     def attend(q, k, v, *, causal=True, doc_ids=None, softmax_scale=None):
         _check_causal(causal, "hash-sparse attention")
-        return hash_sparse(q, k, v, _shared_rotations(q, n_buckets, seed), shared_qk=shared_qk, doc_ids=doc_ids,
-                           softmax_scale=softmax_scale)
+        H, D = q.shape[1], q.shape[3]
+        if H > MAX_HEADS or D > MAX_HEAD_DIM:
+            raise ValueError(f"hash-sparse attention supports up to {MAX_HEADS} heads of {MAX_HEAD_DIM} "
+                             f"dimensions, got q of shape {tuple(q.shape)}")
+        rotations = table[:H, :D].to(device=q.device, dtype=q.dtype)
+        return hash_sparse(q, k, v, rotations, shared_qk=shared_qk, doc_ids=doc_ids, softmax_scale=softmax_scale)
     return attend
 
 

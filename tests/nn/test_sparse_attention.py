@@ -195,3 +195,18 @@ def test_layers_on_the_kernel_path():
     want = hash_sparse_attention_reference(q.double(), k.double(), v.double(), *buckets)
     torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def test_compile_fullgraph():
+    """Model code compiles attention with fullgraph=True: no graph break in any variant."""
+    registry = {}
+    register_sparse_attentions(lambda name, fn: registry.__setitem__(name, fn))
+    layers = {**registry, "hash_module": HashSparseAttention(2, 16), "qk_learned": QKDropAttention(2, 16, learned=True)}
+    q, k, v = [torch.randn(1, 2, 12, 16, requires_grad=True) for _ in range(3)]
+    doc_ids = (torch.arange(12) >= 5).long()[None]
+    for name, layer in layers.items():
+        compiled = torch.compile(lambda q, k, v: layer(q, k, v, doc_ids=doc_ids), fullgraph=True, backend="aot_eager")
+        torch.manual_seed(1)  # the same random decisions for "qk_drop"
+        got = compiled(q, k, v)
+        torch.manual_seed(1)
+        torch.testing.assert_close(got, layer(q, k, v, doc_ids=doc_ids), msg=name)
