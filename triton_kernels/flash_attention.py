@@ -103,16 +103,17 @@ def _window_end(lo, hi):
 @triton.jit
 def _fwd_kernel(Q, K, V, O, STATS, LO, HI, scale_log2,
                 stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
-                H, T, HEAD_DIM: tl.constexpr, MODE: tl.constexpr, IEEE: tl.constexpr,
+                H, H_KV, T, HEAD_DIM: tl.constexpr, MODE: tl.constexpr, IEEE: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # Heaviest (last, under a causal mask) query blocks first: a shorter tail.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
+    hk = h // (H // H_KV)  # grouped-query attention: the key/value head of this query head
     Q += b * stride_qb + h * stride_qh
-    K += b * stride_kb + h * stride_kh
-    V += b * stride_vb + h * stride_vh
+    K += b * stride_kb + hk * stride_kh
+    V += b * stride_vb + hk * stride_vh
     O += bh.to(tl.int64) * T * HEAD_DIM
     n_rows = tl.num_programs(1).to(tl.int64) * T
     STATS += bh.to(tl.int64) * T
@@ -181,26 +182,19 @@ def _bwd_preprocess_kernel(O, DO, DELTA, stride_dob, stride_doh, stride_dot, H, 
 def _bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV, LO, HI, COL_LO, COL_HI, scale_log2, scale,
                      stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                      stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
-                     H, T, HEAD_DIM: tl.constexpr, MODE: tl.constexpr, IEEE: tl.constexpr,
+                     H, H_KV, T, HEAD_DIM: tl.constexpr, MODE: tl.constexpr, IEEE: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # One program per key block of one key/value head; it sums over the query heads of its group.
     pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    Q += b * stride_qb + h * stride_qh
-    K += b * stride_kb + h * stride_kh
-    V += b * stride_vb + h * stride_vh
-    DO += b * stride_dob + h * stride_doh
-    row_base = bh.to(tl.int64) * T
-    n_rows = tl.num_programs(1).to(tl.int64) * T
-    STATS += row_base
-    DELTA += row_base
-    LO += row_base
-    HI += row_base
-    COL_LO += row_base
-    COL_HI += row_base
-    DK += row_base * HEAD_DIM
-    DV += row_base * HEAD_DIM
+    bhk = tl.program_id(1)
+    group = H // H_KV
+    b = (bhk // H_KV).to(tl.int64)
+    hk = (bhk % H_KV).to(tl.int64)
+    K += b * stride_kb + hk * stride_kh
+    V += b * stride_vb + hk * stride_vh
+    DK += bhk.to(tl.int64) * T * HEAD_DIM
+    DV += bhk.to(tl.int64) * T * HEAD_DIM
+    n_rows = tl.num_programs(1).to(tl.int64) * group * T
 
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -208,36 +202,40 @@ def _bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV, LO, HI, COL_LO, COL_HI, 
     col_valid = offs_n < T
     k = tl.load(K + offs_n[:, None] * stride_kt + offs_d[None, :], mask=col_valid[:, None], other=0.0)
     v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :], mask=col_valid[:, None], other=0.0)
-    # The query rows that can see this key block.
-    if MODE == 2:
-        q_lo, q_hi = _windows(COL_LO, COL_HI, offs_n, T, MODE)
-        first_m = tl.min(q_lo, 0)
-        end_m = _window_end(q_lo, q_hi)
-    elif MODE == 1:
-        first_m = start_n
-        end_m = T
-    else:
-        first_m = 0
-        end_m = T
-
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    for start_m in tl.range((first_m // BLOCK_M) * BLOCK_M, end_m, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        row_valid = offs_m < T
-        lo, hi = _windows(LO, HI, offs_m, T, MODE)
-        qt = tl.load(Q + offs_m[None, :] * stride_qt + offs_d[:, None], mask=row_valid[None, :], other=0.0)
-        m = tl.load(STATS + offs_m, mask=row_valid, other=float("inf"))
-        log2_l = tl.load(STATS + n_rows + offs_m, mask=row_valid, other=0.0)
-        pt = tl.math.exp2(tl.fma(_dot(k, qt, IEEE), scale_log2, -m[None, :]) - log2_l[None, :])
-        if (start_n < tl.max(lo, 0)) | (start_n + BLOCK_N > tl.min(hi, 0)):
-            visible = (offs_n[:, None] >= lo[None, :]) & (offs_n[:, None] < hi[None, :])
-            pt = tl.where(visible, pt, 0.0)
-        do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_valid[:, None], other=0.0)
-        dv += _dot(pt.to(do.dtype), do, IEEE)
-        delta = tl.load(DELTA + offs_m, mask=row_valid, other=0.0)
-        dst = pt * (_dot(v, tl.trans(do), IEEE) - delta[None, :])
-        dk += _dot(dst.to(qt.dtype), tl.trans(qt), IEEE)
+    for g in range(group):
+        h = hk * group + g
+        row_base = (b * H + h) * T
+        q_head = Q + b * stride_qb + h * stride_qh
+        do_head = DO + b * stride_dob + h * stride_doh
+        # The query rows that can see this key block.
+        if MODE == 2:
+            q_lo, q_hi = _windows(COL_LO + row_base, COL_HI + row_base, offs_n, T, MODE)
+            first_m = tl.min(q_lo, 0)
+            end_m = _window_end(q_lo, q_hi)
+        elif MODE == 1:
+            first_m = start_n
+            end_m = T
+        else:
+            first_m = 0
+            end_m = T
+        for start_m in tl.range((first_m // BLOCK_M) * BLOCK_M, end_m, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            row_valid = offs_m < T
+            lo, hi = _windows(LO + row_base, HI + row_base, offs_m, T, MODE)
+            qt = tl.load(q_head + offs_m[None, :] * stride_qt + offs_d[:, None], mask=row_valid[None, :], other=0.0)
+            m = tl.load(STATS + row_base + offs_m, mask=row_valid, other=float("inf"))
+            log2_l = tl.load(STATS + n_rows + row_base + offs_m, mask=row_valid, other=0.0)
+            pt = tl.math.exp2(tl.fma(_dot(k, qt, IEEE), scale_log2, -m[None, :]) - log2_l[None, :])
+            if (start_n < tl.max(lo, 0)) | (start_n + BLOCK_N > tl.min(hi, 0)):
+                visible = (offs_n[:, None] >= lo[None, :]) & (offs_n[:, None] < hi[None, :])
+                pt = tl.where(visible, pt, 0.0)
+            do = tl.load(do_head + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_valid[:, None], other=0.0)
+            dv += _dot(pt.to(do.dtype), do, IEEE)
+            delta = tl.load(DELTA + row_base + offs_m, mask=row_valid, other=0.0)
+            dst = pt * (_dot(v, tl.trans(do), IEEE) - delta[None, :])
+            dk += _dot(dst.to(qt.dtype), tl.trans(qt), IEEE)
 
     out_mask = col_valid[:, None]
     tl.store(DK + offs_n[:, None] * HEAD_DIM + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=out_mask)
@@ -248,15 +246,16 @@ def _bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV, LO, HI, COL_LO, COL_HI, 
 def _bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ, LO, HI, scale_log2, scale,
                    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                    stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
-                   H, T, HEAD_DIM: tl.constexpr, MODE: tl.constexpr, IEEE: tl.constexpr,
+                   H, H_KV, T, HEAD_DIM: tl.constexpr, MODE: tl.constexpr, IEEE: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
+    hk = h // (H // H_KV)
     Q += b * stride_qb + h * stride_qh
-    K += b * stride_kb + h * stride_kh
-    V += b * stride_vb + h * stride_vh
+    K += b * stride_kb + hk * stride_kh
+    V += b * stride_vb + hk * stride_vh
     DO += b * stride_dob + h * stride_doh
     row_base = bh.to(tl.int64) * T
     n_rows = tl.num_programs(1).to(tl.int64) * T
@@ -317,7 +316,8 @@ def _unit_last(x: torch.Tensor) -> torch.Tensor:
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_lo: torch.Tensor | None,
                       row_hi: torch.Tensor | None, causal: bool, softmax_scale: float
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launches the forward on (B, H, T, D) q, k, v; returns (out contiguous, stats fp32 (2, B, H, T)).
+    """Launches the forward on q (B, H, T, D) and k, v (B, H_KV, T, D), H_KV dividing H (grouped-query
+    attention); returns (out contiguous, stats fp32 (2, B, H, T)).
 
     Row i's probabilities are 2^(s_ij * scale * log2(e) - stats[0, i] - stats[1, i]) (row maximum
     and log2 of the row sum; +inf and 0 for rows that see no key).
@@ -340,7 +340,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_lo:
         return (triton.cdiv(T, meta["BLOCK_M"]), B * H)
 
     wrap_triton(_pick(_FWD_KERNELS, q))[grid](
-        q, k, v, out, stats, lo, hi, softmax_scale * LOG2E, *_strides(q), *_strides(k), *_strides(v), H, T,
+        q, k, v, out, stats, lo, hi, softmax_scale * LOG2E, *_strides(q), *_strides(k), *_strides(v), H, k.shape[1], T,
         HEAD_DIM=D, MODE=mode, IEEE=q.dtype == torch.float32)
     return out, stats
 
@@ -361,7 +361,9 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     q, k, v, dout = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(dout)
     out = out.contiguous()
     B, H, T, D = q.shape
-    dq, dk, dv = torch.empty_like(out), torch.empty_like(out), torch.empty_like(out)
+    H_KV = k.shape[1]
+    dq = torch.empty_like(out)
+    dk, dv = [torch.empty((B, H_KV, T, D), dtype=k.dtype, device=k.device) for _ in range(2)]
     if out.numel() == 0:
         return dq, dk, dv
     mode = _mode(row_lo, causal)
@@ -377,16 +379,16 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     ieee = q.dtype == torch.float32
 
     def grid_n(meta):
-        return (triton.cdiv(T, meta["BLOCK_N"]), B * H)
+        return (triton.cdiv(T, meta["BLOCK_N"]), B * H_KV)
 
     def grid_m(meta):
         return (triton.cdiv(T, meta["BLOCK_M"]), B * H)
 
     wrap_triton(_pick(_DKDV_KERNELS, q))[grid_n](
         q, k, v, dout, stats, delta, dk, dv, row_lo, row_hi, col_lo, col_hi, softmax_scale * LOG2E, softmax_scale,
-        *strides, H, T, HEAD_DIM=D, MODE=mode, IEEE=ieee)
+        *strides, H, H_KV, T, HEAD_DIM=D, MODE=mode, IEEE=ieee)
     wrap_triton(_pick(_DQ_KERNELS, q))[grid_m](
         q, k, v, dout, stats, delta, dq, row_lo, row_hi, softmax_scale * LOG2E, softmax_scale,
-        *strides, H, T, HEAD_DIM=D, MODE=mode, IEEE=ieee)
+        *strides, H, H_KV, T, HEAD_DIM=D, MODE=mode, IEEE=ieee)
     return dq, dk, dv
 

@@ -133,11 +133,11 @@ def flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = T
     """Dense attention on fastllm's kernels with the registry's conventions (GQA, KV-cache steps,
     documents: causal attention within documents is hash-sparse attention with the document ids
     as buckets)."""
+    if doc_ids is None and q.shape[2] == k.shape[2]:
+        return flash_attention(q, k, v, causal, softmax_scale)  # grouped-query heads in the kernels
     k, v = _expand_kv_heads(q, k, v)
-    if q.shape[2] != k.shape[2] or (doc_ids is not None and not causal):
+    if q.shape[2] != k.shape[2] or not causal:
         return _masked_attention(q, k, v, None, doc_ids, causal, softmax_scale)
-    if doc_ids is None:
-        return flash_attention(q, k, v, causal, softmax_scale)
     docs = doc_ids[:, None, :].expand(q.shape[:3])
     return hash_sparse_attention(q, k, v, docs, docs, softmax_scale=softmax_scale)
 

@@ -127,11 +127,16 @@ def _backward_rule(ctx, dout, dstats):
 _forward.register_autograd(_backward_rule, setup_context=_setup_context)
 
 
-def _validate_qkv(q, k, v) -> None:
+def _validate_qkv(q, k, v, grouped: bool = False) -> None:
+    """Same shapes, or with ``grouped`` k and v of H_KV heads where H_KV divides q's heads."""
     q = check_tensor("q", q, dtypes=DTYPES, ndim=4)
     for name, t in (("k", k), ("v", v)):
         check_tensor(name, t, dtypes=(q.dtype,), ndim=4)
-        check_shape(name, t, q.shape, "q")
+        if grouped and t.shape[1] > 0 and q.shape[1] % t.shape[1] == 0:
+            check_shape(name, t, (q.shape[0], t.shape[1], *q.shape[2:]), "q with fewer heads")
+        else:
+            check_shape(name, t, q.shape, "q" + (" (or H_KV dividing q's heads)" if grouped else ""))
+    check_shape("v", v, k.shape, "k")
     check_same_device([("q", q), ("k", k), ("v", v)])
     if q.shape[0] * q.shape[1] > 65535:
         raise ValueError(f"q: batch * heads must be at most 65535, got shape {tuple(q.shape)}")
@@ -153,8 +158,12 @@ def _scale(q: torch.Tensor, softmax_scale: float | None) -> float:
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
                     softmax_scale: float | None = None) -> torch.Tensor:
-    """softmax(q k^T * softmax_scale [+ causal mask]) v; ``softmax_scale`` defaults to 1/sqrt(head_dim)."""
-    _validate_qkv(q, k, v)
+    """softmax(q k^T * softmax_scale [+ causal mask]) v; ``softmax_scale`` defaults to 1/sqrt(head_dim).
+
+    q is (B, H, T, D); k and v are (B, H, T, D) or, for grouped-query attention, (B, H_KV, T, D)
+    with H_KV dividing H (query head h uses key/value head h // (H / H_KV)).
+    """
+    _validate_qkv(q, k, v, grouped=True)
     scale = _scale(q, softmax_scale)
     if _backend.current_backend() == "reference":
         return flash_attention_reference(q, k, v, causal, scale)

@@ -20,6 +20,7 @@ def attention_with_stats_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     scaled scores, in fp32 (+inf for rows that see no key, whose output is exactly 0).
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
+    k, v = expand_kv_heads(q, k), expand_kv_heads(q, v)
     scores = torch.matmul(q, k.transpose(-2, -1)) * scale
     if visible is None:
         probs = torch.softmax(scores, dim=-1)
@@ -31,6 +32,11 @@ def attention_with_stats_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     # Rows without keys: a finite softmax (so no NaN reaches the gradients), then zeroed.
     probs = torch.softmax(scores.masked_fill(~seen, 0.0), dim=-1).masked_fill(~seen, 0.0)
     return torch.matmul(probs, v), row_max, lse
+
+
+def expand_kv_heads(q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+    """Grouped-query attention: k or v with H_KV heads repeated to q's H heads (H_KV divides H)."""
+    return kv if kv.shape[1] == q.shape[1] else kv.repeat_interleave(q.shape[1] // kv.shape[1], dim=1)
 
 
 def causal_mask(T: int, device: torch.device | str) -> torch.Tensor:
@@ -67,6 +73,8 @@ def attention_backward_reference(dout: torch.Tensor, q: torch.Tensor, k: torch.T
                                  out: torch.Tensor, lse: torch.Tensor, visible: torch.Tensor | None,
                                  softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) from the forward's out and lse, written out (the backward op's CPU path)."""
+    kv_heads = k.shape[1]
+    k, v = expand_kv_heads(q, k), expand_kv_heads(q, v)
     scores = torch.matmul(q, k.transpose(-2, -1)).float() * softmax_scale
     probs = torch.exp(scores - lse[..., None])  # lse = +inf: rows without keys get 0
     if visible is not None:
@@ -77,4 +85,6 @@ def attention_backward_reference(dout: torch.Tensor, q: torch.Tensor, k: torch.T
     dq = torch.matmul(dscores, k) * softmax_scale
     dk = torch.matmul(dscores.transpose(-2, -1), q) * softmax_scale
     dv = torch.matmul(probs.transpose(-2, -1), dout)
+    if kv_heads != q.shape[1]:  # each key/value head sums the gradients of its query heads
+        dk, dv = [t.unflatten(1, (kv_heads, -1)).sum(2) for t in (dk, dv)]
     return dq, dk, dv

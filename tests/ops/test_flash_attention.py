@@ -225,3 +225,27 @@ def test_gpu_all_ops(dtype, head_dim):
     _check(qk_sparse_attention, qk_sparse_attention_reference, shape, dtype, keep < 0.5, keep > 0.3)
     buckets = torch.randint(0, 8, shape[:3], device="cuda")
     _check(hash_sparse_attention, hash_sparse_attention_reference, shape, dtype, buckets, buckets.roll(1, -1))
+
+
+@pytest.mark.parametrize("path", ["kernels", "cpu_reference"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_dense_grouped_query_heads(causal, path, monkeypatch):
+    """k and v with fewer heads than q: every query head of a group reads its group's key/value head."""
+    device = DEVICE
+    if path == "cpu_reference":
+        monkeypatch.setattr(fa._kernels, "INTERPRET", False)
+        device = "cpu"
+    q64 = torch.randn(1, 4, 19, 16, dtype=torch.float64, device=device, requires_grad=True)
+    k64, v64 = [torch.randn(1, 2, 19, 16, dtype=torch.float64, device=device, requires_grad=True) for _ in range(2)]
+    q, k, v = [t.detach().float().requires_grad_() for t in (q64, k64, v64)]
+    out = flash_attention(q, k, v, causal)
+    expanded = [t.repeat_interleave(2, dim=1) for t in (k64, v64)]
+    ref = flash_attention_reference(q64, *expanded, causal)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    dout = torch.randn_like(ref)
+    out.backward(dout.float())
+    ref.backward(dout)
+    for t, t64 in zip((q, k, v), (q64, k64, v64)):
+        torch.testing.assert_close(t.grad.double(), t64.grad, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="k must have the shape"):
+        flash_attention(q, k[:, :1].expand(1, 3, 19, 16), v)
