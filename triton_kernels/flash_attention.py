@@ -7,6 +7,8 @@ Every query row ``i`` of one (batch, head) attends the keys ``j`` with ``lo[i] <
   queries and keys (a stable compaction of kept tokens, or a stable sort by bucket) so that every
   query sees one contiguous run of keys, and both ``lo`` and ``hi`` are non-decreasing in ``i``.
   The key columns of the backward get the transposed windows, ``col_lo[j] <= i < col_hi[j]``.
+  The kernels gather and scatter the rows themselves through the two orders (int32 (B*H, T)), so
+  inputs, outputs and gradients keep the original order and no permuted copy is ever made.
 
 A program skips every key block outside its rows' windows (and, in the dK/dV pass, every query
 block outside its columns' windows), and builds the element mask only for tiles that some row
@@ -94,6 +96,15 @@ def _windows(LO, HI, offs, T, MODE: tl.constexpr):
 
 
 @triton.jit
+def _rows(IDX, offs, T, MODE: tl.constexpr):
+    """Memory rows of the reordered indices ``offs``: IDX[offs] with windows, else ``offs`` itself."""
+    if MODE == 2:
+        return tl.load(IDX + offs, mask=offs < T, other=0)
+    else:
+        return offs
+
+
+@triton.jit
 def _window_end(lo, hi):
     """End of the union of the windows; 0 when all are empty (dropped queries or keys, whose empty
     windows sit past the kept ones), so that their blocks skip the loop."""
@@ -101,7 +112,7 @@ def _window_end(lo, hi):
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, STATS, LO, HI, scale_log2,
+def _fwd_kernel(Q, K, V, O, STATS, LO, HI, QIDX, KIDX, scale_log2,
                 stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
                 H, H_KV, T, HEAD_DIM: tl.constexpr, MODE: tl.constexpr, IEEE: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -119,6 +130,8 @@ def _fwd_kernel(Q, K, V, O, STATS, LO, HI, scale_log2,
     STATS += bh.to(tl.int64) * T
     LO += bh.to(tl.int64) * T
     HI += bh.to(tl.int64) * T
+    QIDX += bh.to(tl.int64) * T
+    KIDX += (b * H_KV + hk) * T
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -126,14 +139,16 @@ def _fwd_kernel(Q, K, V, O, STATS, LO, HI, scale_log2,
     lo, hi = _windows(LO, HI, offs_m, T, MODE)
     lo_max = tl.max(lo, 0)
     hi_min = tl.min(hi, 0)
-    q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_valid[:, None], other=0.0)
+    q_rows = _rows(QIDX, offs_m, T, MODE)
+    q = tl.load(Q + q_rows[:, None] * stride_qt + offs_d[None, :], mask=row_valid[:, None], other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     for start_n in tl.range((tl.min(lo, 0) // BLOCK_N) * BLOCK_N, _window_end(lo, hi), BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kt = tl.load(K + offs_n[None, :] * stride_kt + offs_d[:, None], mask=offs_n[None, :] < T, other=0.0)
+        k_rows = _rows(KIDX, offs_n, T, MODE)
+        kt = tl.load(K + k_rows[None, :] * stride_kt + offs_d[:, None], mask=offs_n[None, :] < T, other=0.0)
         s = _dot(q, kt, IEEE)
         if (start_n < lo_max) | (start_n + BLOCK_N > hi_min):  # some row sees only part of this tile
             visible = (offs_n[None, :] >= lo[:, None]) & (offs_n[None, :] < hi[:, None])
@@ -145,7 +160,7 @@ def _fwd_kernel(Q, K, V, O, STATS, LO, HI, scale_log2,
         p = tl.math.exp2(tl.fma(s, scale_log2, -m_sub[:, None]))
         alpha = tl.math.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :], mask=offs_n[:, None] < T, other=0.0)
+        v = tl.load(V + k_rows[:, None] * stride_vt + offs_d[None, :], mask=offs_n[:, None] < T, other=0.0)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
         m_i = m_new
 
@@ -156,30 +171,31 @@ def _fwd_kernel(Q, K, V, O, STATS, LO, HI, scale_log2,
     # the very m used here, so its rounding cancels against l.
     m_i = tl.where(seen, m_i, float("inf"))
     log2_l = tl.math.log2(l_safe)
-    tl.store(O + offs_m[:, None] * HEAD_DIM + offs_d[None, :], out.to(O.dtype.element_ty), mask=row_valid[:, None])
+    tl.store(O + q_rows[:, None] * HEAD_DIM + offs_d[None, :], out.to(O.dtype.element_ty), mask=row_valid[:, None])
     tl.store(STATS + offs_m, m_i, mask=row_valid)
     tl.store(STATS + n_rows + offs_m, log2_l, mask=row_valid)
 
 
 @triton.jit
-def _bwd_preprocess_kernel(O, DO, DELTA, stride_dob, stride_doh, stride_dot, H, T,
-                           HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+def _bwd_preprocess_kernel(O, DO, DELTA, QIDX, stride_dob, stride_doh, stride_dot, H, T,
+                           HEAD_DIM: tl.constexpr, MODE: tl.constexpr, BLOCK_M: tl.constexpr):
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_valid = offs_m < T
-    o = tl.load(O + bh.to(tl.int64) * T * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
+    q_rows = _rows(QIDX + bh.to(tl.int64) * T, offs_m, T, MODE)
+    o = tl.load(O + bh.to(tl.int64) * T * HEAD_DIM + q_rows[:, None] * HEAD_DIM + offs_d[None, :],
                 mask=row_valid[:, None], other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
+    do = tl.load(DO + b * stride_dob + h * stride_doh + q_rows[:, None] * stride_dot + offs_d[None, :],
                  mask=row_valid[:, None], other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + bh.to(tl.int64) * T + offs_m, delta, mask=row_valid)
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV, LO, HI, COL_LO, COL_HI, scale_log2, scale,
+def _bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV, LO, HI, COL_LO, COL_HI, QIDX, KIDX, scale_log2, scale,
                      stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                      stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
                      H, H_KV, T, HEAD_DIM: tl.constexpr, MODE: tl.constexpr, IEEE: tl.constexpr,
@@ -200,8 +216,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV, LO, HI, COL_LO, COL_HI, 
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     col_valid = offs_n < T
-    k = tl.load(K + offs_n[:, None] * stride_kt + offs_d[None, :], mask=col_valid[:, None], other=0.0)
-    v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :], mask=col_valid[:, None], other=0.0)
+    k_rows = _rows(KIDX + bhk.to(tl.int64) * T, offs_n, T, MODE)
+    k = tl.load(K + k_rows[:, None] * stride_kt + offs_d[None, :], mask=col_valid[:, None], other=0.0)
+    v = tl.load(V + k_rows[:, None] * stride_vt + offs_d[None, :], mask=col_valid[:, None], other=0.0)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     for g in range(group):
@@ -224,26 +241,27 @@ def _bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV, LO, HI, COL_LO, COL_HI, 
             offs_m = start_m + tl.arange(0, BLOCK_M)
             row_valid = offs_m < T
             lo, hi = _windows(LO + row_base, HI + row_base, offs_m, T, MODE)
-            qt = tl.load(q_head + offs_m[None, :] * stride_qt + offs_d[:, None], mask=row_valid[None, :], other=0.0)
+            q_rows = _rows(QIDX + row_base, offs_m, T, MODE)
+            qt = tl.load(q_head + q_rows[None, :] * stride_qt + offs_d[:, None], mask=row_valid[None, :], other=0.0)
             m = tl.load(STATS + row_base + offs_m, mask=row_valid, other=float("inf"))
             log2_l = tl.load(STATS + n_rows + row_base + offs_m, mask=row_valid, other=0.0)
             pt = tl.math.exp2(tl.fma(_dot(k, qt, IEEE), scale_log2, -m[None, :]) - log2_l[None, :])
             if (start_n < tl.max(lo, 0)) | (start_n + BLOCK_N > tl.min(hi, 0)):
                 visible = (offs_n[:, None] >= lo[None, :]) & (offs_n[:, None] < hi[None, :])
                 pt = tl.where(visible, pt, 0.0)
-            do = tl.load(do_head + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_valid[:, None], other=0.0)
+            do = tl.load(do_head + q_rows[:, None] * stride_dot + offs_d[None, :], mask=row_valid[:, None], other=0.0)
             dv += _dot(pt.to(do.dtype), do, IEEE)
             delta = tl.load(DELTA + row_base + offs_m, mask=row_valid, other=0.0)
             dst = pt * (_dot(v, tl.trans(do), IEEE) - delta[None, :])
             dk += _dot(dst.to(qt.dtype), tl.trans(qt), IEEE)
 
     out_mask = col_valid[:, None]
-    tl.store(DK + offs_n[:, None] * HEAD_DIM + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=out_mask)
-    tl.store(DV + offs_n[:, None] * HEAD_DIM + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=out_mask)
+    tl.store(DK + k_rows[:, None] * HEAD_DIM + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=out_mask)
+    tl.store(DV + k_rows[:, None] * HEAD_DIM + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ, LO, HI, scale_log2, scale,
+def _bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ, LO, HI, QIDX, KIDX, scale_log2, scale,
                    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                    stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
                    H, H_KV, T, HEAD_DIM: tl.constexpr, MODE: tl.constexpr, IEEE: tl.constexpr,
@@ -271,8 +289,10 @@ def _bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ, LO, HI, scale_log2, scale,
     lo, hi = _windows(LO, HI, offs_m, T, MODE)
     lo_max = tl.max(lo, 0)
     hi_min = tl.min(hi, 0)
-    q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_valid[:, None], other=0.0)
-    do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_valid[:, None], other=0.0)
+    q_rows = _rows(QIDX + row_base, offs_m, T, MODE)
+    KIDX += (b * H_KV + hk) * T
+    q = tl.load(Q + q_rows[:, None] * stride_qt + offs_d[None, :], mask=row_valid[:, None], other=0.0)
+    do = tl.load(DO + q_rows[:, None] * stride_dot + offs_d[None, :], mask=row_valid[:, None], other=0.0)
     m = tl.load(STATS + offs_m, mask=row_valid, other=float("inf"))
     log2_l = tl.load(STATS + n_rows + offs_m, mask=row_valid, other=0.0)
     delta = tl.load(DELTA + offs_m, mask=row_valid, other=0.0)
@@ -281,8 +301,9 @@ def _bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ, LO, HI, scale_log2, scale,
     for start_n in tl.range((tl.min(lo, 0) // BLOCK_N) * BLOCK_N, _window_end(lo, hi), BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         key_valid = offs_n[None, :] < T
-        kt = tl.load(K + offs_n[None, :] * stride_kt + offs_d[:, None], mask=key_valid, other=0.0)
-        vt = tl.load(V + offs_n[None, :] * stride_vt + offs_d[:, None], mask=key_valid, other=0.0)
+        k_rows = _rows(KIDX, offs_n, T, MODE)
+        kt = tl.load(K + k_rows[None, :] * stride_kt + offs_d[:, None], mask=key_valid, other=0.0)
+        vt = tl.load(V + k_rows[None, :] * stride_vt + offs_d[:, None], mask=key_valid, other=0.0)
         p = tl.math.exp2(tl.fma(_dot(q, kt, IEEE), scale_log2, -m[:, None]) - log2_l[:, None])
         if (start_n < lo_max) | (start_n + BLOCK_N > hi_min):
             visible = (offs_n[None, :] >= lo[:, None]) & (offs_n[None, :] < hi[:, None])
@@ -290,7 +311,7 @@ def _bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ, LO, HI, scale_log2, scale,
         ds = p * (_dot(do, vt, IEEE) - delta[:, None])
         dq += _dot(ds.to(kt.dtype), tl.trans(kt), IEEE)
 
-    tl.store(DQ + offs_m[:, None] * HEAD_DIM + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
+    tl.store(DQ + q_rows[:, None] * HEAD_DIM + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=row_valid[:, None])
 
 
@@ -314,16 +335,19 @@ def _unit_last(x: torch.Tensor) -> torch.Tensor:
 
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_lo: torch.Tensor | None,
-                      row_hi: torch.Tensor | None, causal: bool, softmax_scale: float
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+                      row_hi: torch.Tensor | None, q_order: torch.Tensor | None, k_order: torch.Tensor | None,
+                      causal: bool, softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Launches the forward on q (B, H, T, D) and k, v (B, H_KV, T, D), H_KV dividing H (grouped-query
     attention); returns (out contiguous, stats fp32 (2, B, H, T)).
 
     Row i's probabilities are 2^(s_ij * scale * log2(e) - stats[0, i] - stats[1, i]) (row maximum
     and log2 of the row sum; +inf and 0 for rows that see no key).
 
-    With ``row_lo``/``row_hi`` (int32, contiguous (B, H, T)) row i sees keys [row_lo[i], row_hi[i]),
-    and ``causal`` is ignored.
+    With windows (int32, contiguous (B, H, T): ``row_lo``, ``row_hi``, and the orders ``q_order``,
+    ``k_order``) the kernels work in the reordered frame: its row r is query q_order[r], its column c
+    is key k_order[c], row r sees columns [row_lo[r], row_hi[r]), and ``causal`` is ignored. Inputs
+    and outputs stay in the original order (the kernels load and store rows through the orders);
+    ``stats`` are per reordered row.
     """
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     B, H, T, D = q.shape
@@ -333,14 +357,13 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_lo:
         return out, stats
     mode = _mode(row_lo, causal)
     unused = torch.empty(1, dtype=torch.int32, device=q.device)  # MODE_FULL/MODE_CAUSAL read no windows
-    lo = row_lo if row_lo is not None else unused
-    hi = row_hi if row_hi is not None else unused
+    lo, hi, q_idx, k_idx = [t if t is not None else unused for t in (row_lo, row_hi, q_order, k_order)]
 
     def grid(meta):
         return (triton.cdiv(T, meta["BLOCK_M"]), B * H)
 
     wrap_triton(_pick(_FWD_KERNELS, q))[grid](
-        q, k, v, out, stats, lo, hi, softmax_scale * LOG2E, *_strides(q), *_strides(k), *_strides(v), H, k.shape[1], T,
+        q, k, v, out, stats, lo, hi, q_idx, k_idx, softmax_scale * LOG2E, *_strides(q), *_strides(k), *_strides(v), H, k.shape[1], T,
         HEAD_DIM=D, MODE=mode, IEEE=q.dtype == torch.float32)
     return out, stats
 
@@ -355,7 +378,8 @@ def column_windows(row_lo: torch.Tensor, row_hi: torch.Tensor) -> tuple[torch.Te
 
 
 def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                       stats: torch.Tensor, row_lo: torch.Tensor | None, row_hi: torch.Tensor | None, causal: bool,
+                       stats: torch.Tensor, row_lo: torch.Tensor | None, row_hi: torch.Tensor | None,
+                       q_order: torch.Tensor | None, k_order: torch.Tensor | None, causal: bool,
                        softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launches the backward; returns contiguous (dq, dk, dv). ``out`` is the forward's (contiguous)."""
     q, k, v, dout = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(dout)
@@ -368,13 +392,14 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         return dq, dk, dv
     mode = _mode(row_lo, causal)
     delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
-    block = 16 if INTERPRET else 64
-    wrap_triton(_bwd_preprocess_kernel)[(triton.cdiv(T, block), B * H)](
-        out, dout, delta, *_strides(dout), H, T, HEAD_DIM=D, BLOCK_M=block)
+    unused = torch.empty(1, dtype=torch.int32, device=q.device)  # MODE_FULL/MODE_CAUSAL read no windows
     if row_lo is not None:
         col_lo, col_hi = column_windows(row_lo, row_hi)
     else:
-        row_lo = row_hi = col_lo = col_hi = torch.empty(1, dtype=torch.int32, device=q.device)  # never read
+        row_lo = row_hi = col_lo = col_hi = q_order = k_order = unused
+    block = 16 if INTERPRET else 64
+    wrap_triton(_bwd_preprocess_kernel)[(triton.cdiv(T, block), B * H)](
+        out, dout, delta, q_order, *_strides(dout), H, T, HEAD_DIM=D, MODE=mode, BLOCK_M=block)
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout))
     ieee = q.dtype == torch.float32
 
@@ -385,10 +410,11 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         return (triton.cdiv(T, meta["BLOCK_M"]), B * H)
 
     wrap_triton(_pick(_DKDV_KERNELS, q))[grid_n](
-        q, k, v, dout, stats, delta, dk, dv, row_lo, row_hi, col_lo, col_hi, softmax_scale * LOG2E, softmax_scale,
+        q, k, v, dout, stats, delta, dk, dv, row_lo, row_hi, col_lo, col_hi, q_order, k_order,
+        softmax_scale * LOG2E, softmax_scale,
         *strides, H, H_KV, T, HEAD_DIM=D, MODE=mode, IEEE=ieee)
     wrap_triton(_pick(_DQ_KERNELS, q))[grid_m](
-        q, k, v, dout, stats, delta, dq, row_lo, row_hi, softmax_scale * LOG2E, softmax_scale,
+        q, k, v, dout, stats, delta, dq, row_lo, row_hi, q_order, k_order, softmax_scale * LOG2E, softmax_scale,
         *strides, H, H_KV, T, HEAD_DIM=D, MODE=mode, IEEE=ieee)
     return dq, dk, dv
 

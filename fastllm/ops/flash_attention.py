@@ -84,44 +84,66 @@ def _visible(q: torch.Tensor, row_lo: torch.Tensor | None, row_hi: torch.Tensor 
     return causal_mask(q.shape[-2], q.device) if causal else None
 
 
+def _reordered(x: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
+    """Rows of x in the windows' frame (row r = x[..., order[r], :])."""
+    return x if order is None else torch.gather(x, 2, order.long()[..., None].expand(x.shape))
+
+
+def _restored(x: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
+    """The inverse of ``_reordered``."""
+    if order is None:
+        return x
+    return torch.empty_like(x).scatter_(2, order.long()[..., None].expand(x.shape), x)
+
+
 @torch.library.triton_op("fastllm::flash_attention_forward", mutates_args=())
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_lo: torch.Tensor | None,
-             row_hi: torch.Tensor | None, causal: bool, softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+             row_hi: torch.Tensor | None, q_order: torch.Tensor | None, k_order: torch.Tensor | None, causal: bool,
+             softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, stats): stats (fp32 (2, B, H, T), not differentiable) hold each row's maximum scaled
     score (in log2 units) and log2 of its softmax denominator, see ``attention_forward``.
 
-    With row windows (int32 (B, H, T), non-decreasing) row i sees keys [row_lo[i], row_hi[i]) and
-    ``causal`` is ignored.
+    With windows (int32 (B, H, T): row_lo, row_hi non-decreasing, and the orders q_order, k_order)
+    query q_order[r] sees the keys k_order[c] for c in [row_lo[r], row_hi[r]); ``causal`` is ignored.
     """
     if triton_path(q):
-        return _kernels.attention_forward(q, k, v, row_lo, row_hi, causal, softmax_scale)
-    out, row_max, lse = attention_with_stats_reference(q, k, v, _visible(q, row_lo, row_hi, causal), softmax_scale)
+        return _kernels.attention_forward(q, k, v, row_lo, row_hi, q_order, k_order, causal, softmax_scale)
+    out, row_max, lse = attention_with_stats_reference(
+        _reordered(q, q_order), _reordered(k, k_order), _reordered(v, k_order), _visible(q, row_lo, row_hi, causal),
+        softmax_scale)
     seen = lse < float("inf")
-    return out.contiguous(), torch.stack([row_max * _LOG2E, torch.where(seen, (lse - row_max) * _LOG2E, 0.0)])
+    stats = torch.stack([row_max * _LOG2E, torch.where(seen, (lse - row_max) * _LOG2E, 0.0)])
+    return _restored(out, q_order).contiguous(), stats
 
 
 @torch.library.triton_op("fastllm::flash_attention_backward", mutates_args=())
 def _backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-              stats: torch.Tensor, row_lo: torch.Tensor | None, row_hi: torch.Tensor | None, causal: bool,
+              stats: torch.Tensor, row_lo: torch.Tensor | None, row_hi: torch.Tensor | None,
+              q_order: torch.Tensor | None, k_order: torch.Tensor | None, causal: bool,
               softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if triton_path(q):
-        return _kernels.attention_backward(dout, q, k, v, out, stats, row_lo, row_hi, causal, softmax_scale)
+        return _kernels.attention_backward(dout, q, k, v, out, stats, row_lo, row_hi, q_order, k_order, causal,
+                                           softmax_scale)
     lse = (stats[0] + stats[1]) / _LOG2E
-    return attention_backward_reference(dout, q, k, v, out, lse, _visible(q, row_lo, row_hi, causal), softmax_scale)
+    dq, dk, dv = attention_backward_reference(
+        _reordered(dout, q_order), _reordered(q, q_order), _reordered(k, k_order), _reordered(v, k_order),
+        _reordered(out, q_order), lse, _visible(q, row_lo, row_hi, causal), softmax_scale)
+    return _restored(dq, q_order), _restored(dk, k_order), _restored(dv, k_order)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, row_lo, row_hi, causal, softmax_scale = inputs
+    q, k, v, row_lo, row_hi, q_order, k_order, causal, softmax_scale = inputs
     out, stats = output
-    ctx.save_for_backward(q, k, v, out, stats, row_lo, row_hi)
+    ctx.save_for_backward(q, k, v, out, stats, row_lo, row_hi, q_order, k_order)
     ctx.causal, ctx.softmax_scale = causal, softmax_scale
     ctx.mark_non_differentiable(stats)
 
 
 def _backward_rule(ctx, dout, dstats):
-    q, k, v, out, stats, row_lo, row_hi = ctx.saved_tensors
-    dq, dk, dv = _backward(dout, q, k, v, out, stats, row_lo, row_hi, ctx.causal, ctx.softmax_scale)
-    return dq, dk, dv, None, None, None, None
+    q, k, v, out, stats, row_lo, row_hi, q_order, k_order = ctx.saved_tensors
+    dq, dk, dv = _backward(dout, q, k, v, out, stats, row_lo, row_hi, q_order, k_order, ctx.causal,
+                           ctx.softmax_scale)
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 _forward.register_autograd(_backward_rule, setup_context=_setup_context)
@@ -168,26 +190,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     if _backend.current_backend() == "reference":
         return flash_attention_reference(q, k, v, causal, scale)
     with nvtx_range("fastllm.flash_attention"):
-        return _forward(q, k, v, None, None, bool(causal), scale)[0]
-
-
-def _gather(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    return torch.gather(x, 2, order[..., None].expand(x.shape))
-
-
-class _PermuteRows(torch.autograd.Function):
-    """x[:, :, order] for a permutation ``order`` of the sequence; its gradient is the inverse
-    gather (torch.gather's own backward would zero-fill and scatter-add)."""
-
-    @staticmethod
-    def forward(ctx, x, order, inverse):
-        ctx.save_for_backward(inverse)
-        return _gather(x, order)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (inverse,) = ctx.saved_tensors
-        return _gather(grad, inverse), None, None
+        return _forward(q, k, v, None, None, None, None, bool(causal), scale)[0]
 
 
 def _inverse(order: torch.Tensor) -> torch.Tensor:
@@ -195,23 +198,20 @@ def _inverse(order: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(order).scatter_(-1, order, positions)
 
 
-def _windowed(q, k, v, q_order, q_rank, k_order, k_rank, row_lo, row_hi, scale) -> torch.Tensor:
-    """Attention in the reordered frame: row r is query q_order[r], column c is key k_order[c];
-    ``*_rank`` are the inverse permutations."""
-    out = _forward(_PermuteRows.apply(q, q_order, q_rank), _PermuteRows.apply(k, k_order, k_rank),
-                   _PermuteRows.apply(v, k_order, k_rank), row_lo, row_hi, True, scale)[0]
-    return _PermuteRows.apply(out, q_rank, q_order)
+def _windowed(q, k, v, q_order, k_order, row_lo, row_hi, scale) -> torch.Tensor:
+    """Attention where query q_order[r] sees the keys k_order[c], c in [row_lo[r], row_hi[r])."""
+    return _forward(q, k, v, row_lo, row_hi, q_order.int(), k_order.int(), True, scale)[0]
 
 
-def _stable_partition(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Kept tokens first, each part in time order: (order, its inverse rank (both int64), kept
-    count up to each position inclusive (int32), number kept (B, H, 1))."""
+def _stable_partition(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Kept tokens first, each part in time order: (order (int64), kept count up to each position
+    inclusive (int32), number kept (B, H, 1))."""
     T = keep.shape[-1]
     positions = torch.arange(T, device=keep.device, dtype=torch.int32)
     kept_upto = torch.cumsum(keep, -1, dtype=torch.int32)
     n_kept = kept_upto[..., -1:]
     rank = torch.where(keep, kept_upto - 1, n_kept + positions - kept_upto).long()
-    return _inverse(rank), rank, kept_upto, n_kept
+    return _inverse(rank), kept_upto, n_kept
 
 
 def qk_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_keep: torch.Tensor,
@@ -228,13 +228,13 @@ def qk_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_kee
     if _backend.current_backend() == "reference" or q.numel() == 0:
         return qk_sparse_attention_reference(q, k, v, q_keep, k_keep, scale)
     with nvtx_range("fastllm.qk_sparse_attention"):
-        q_order, q_rank, _, nq = _stable_partition(q_keep)
-        k_order, k_rank, keys_upto, nk = _stable_partition(k_keep)
+        q_order, _, nq = _stable_partition(q_keep)
+        k_order, keys_upto, nk = _stable_partition(k_keep)
         # Kept query r sees the kept keys at positions <= its own: the first keys_upto[pos] of them.
         kept_row = torch.arange(q.shape[2], device=q.device, dtype=torch.int32) < nq
         row_hi = torch.where(kept_row, torch.gather(keys_upto, -1, q_order), nk)
         row_lo = torch.where(kept_row, 0, nk)  # dropped queries: an empty window past every kept key
-        return _windowed(q, k, v, q_order, q_rank, k_order, k_rank, row_lo.contiguous(), row_hi.contiguous(), scale)
+        return _windowed(q, k, v, q_order, k_order, row_lo.contiguous(), row_hi.contiguous(), scale)
 
 
 def hash_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_buckets: torch.Tensor,
@@ -258,4 +258,4 @@ def hash_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_b
         k_packed = k_sorted * T + k_order
         row_lo = torch.searchsorted(k_packed, q_sorted * T, out_int32=True)
         row_hi = torch.searchsorted(k_packed, q_sorted * T + q_order, right=True, out_int32=True)
-        return _windowed(q, k, v, q_order, _inverse(q_order), k_order, _inverse(k_order), row_lo, row_hi, scale)
+        return _windowed(q, k, v, q_order, k_order, row_lo, row_hi, scale)

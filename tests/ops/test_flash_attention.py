@@ -169,8 +169,10 @@ def test_opcheck():
     q, k, v = [t.float().requires_grad_() for t in _inputs((1, 2, 5, 16), torch.float32)]
     lo = torch.tensor([0, 0, 1, 1, 5], dtype=torch.int32, device=DEVICE).expand(1, 2, 5).contiguous()
     hi = torch.tensor([1, 2, 3, 3, 5], dtype=torch.int32, device=DEVICE).expand(1, 2, 5).contiguous()
+    q_order = torch.tensor([3, 0, 4, 1, 2], dtype=torch.int32, device=DEVICE).expand(1, 2, 5).contiguous()
+    k_order = torch.tensor([1, 2, 0, 4, 3], dtype=torch.int32, device=DEVICE).expand(1, 2, 5).contiguous()
     # AOT dispatch (12 s here) is covered by test_compile_fullgraph, which traces the same op.
-    torch.library.opcheck(fa._forward, (q, k, v, lo, hi, True, 0.25),
+    torch.library.opcheck(fa._forward, (q, k, v, lo, hi, q_order, k_order, True, 0.25),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
