@@ -6,12 +6,13 @@ Tensors are (batch, heads, seq, head_dim) as in ``torch.nn.functional.scaled_dot
 * ``qk_sparse_attention``: query i sees key j iff q_keep[i] and k_keep[j] and j <= i.
 * ``hash_sparse_attention``: query i sees key j iff q_buckets[i] == k_buckets[j] and j <= i.
 
-The sparse ops reorder queries and keys on the device, without a host synchronisation (a stable
+The sparse ops order queries and keys on the device, without a host synchronisation (a stable
 compaction of the kept tokens by prefix sums, or a stable sort by bucket that keeps time order
 inside a bucket). In that order every query sees one contiguous run of keys [lo, hi), found once by
-``searchsorted``, and the kernels visit only the key blocks (backward: also only the query blocks)
-that these windows touch. Outputs are scattered back to the original positions; rows that see no
-key are exactly 0. Sparse times therefore include compaction/sorting and scattering.
+``searchsorted`` (the backward derives the keys' query runs once from these), and the kernels visit
+only the key blocks (backward: also only the query blocks) that these windows touch. The kernels
+gather and scatter rows through the orders, so inputs, outputs and gradients stay in the original
+order without permuted copies; rows that see no key are exactly 0.
 
 Dispatch: CUDA tensors run the Triton kernels (float16, bfloat16, float32; head dims 16, 32, 64,
 128). CPU tensors run the Triton kernels only under the Triton interpreter (``TRITON_INTERPRET=1``,
