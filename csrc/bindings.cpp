@@ -40,4 +40,5 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "fastllm compiled kernels (CPU always, CUDA when built with nvcc)";
   m.def("build_info", &build_info, "What this build contains: OpenMP, CUDA and its architectures.");
   fastllm::bind_ademamix(m);
+  fastllm::bind_xielu(m);
 }

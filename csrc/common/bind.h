@@ -11,5 +11,6 @@ namespace fastllm {
 using Pointers = std::vector<uintptr_t>;
 
 void bind_ademamix(pybind11::module_& m);
+void bind_xielu(pybind11::module_& m);
 
 }  // namespace fastllm

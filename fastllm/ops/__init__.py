@@ -16,6 +16,8 @@ from fastllm.ops._backend import build_info, current_backend, use_backend
 from fastllm.ops.ademamix import ademamix_step_
 from fastllm.ops.flash_attention import (attention_implementation, flash_attention, hash_sparse_attention,
                                          qk_sparse_attention)
+from fastllm.ops.xielu import has_cpp_kernels as _xielu_has_cpp
+from fastllm.ops.xielu import xielu
 
 
 def _triton_installed() -> bool:
@@ -37,6 +39,8 @@ def available() -> dict:
                 "cpu": "reference" if reference or not _backend.has_cpu_kernels() else "cpp",
                 "cuda": cuda_kernel,
             },
+            "xielu": {"cpu": "reference" if reference else ("cpp" if _xielu_has_cpp() else "torch-fp32"),
+                      "cuda": "reference" if reference else ("triton" if _triton_installed() else "torch-fp32")},
             **dict.fromkeys(("flash_attention", "qk_sparse_attention", "hash_sparse_attention"),
                             {"cpu": attention_implementation("cpu"), "cuda": attention_implementation("cuda")}),
         },
@@ -44,4 +48,4 @@ def available() -> dict:
 
 
 __all__ = ["ademamix_step_", "available", "build_info", "current_backend", "flash_attention", "hash_sparse_attention",
-           "qk_sparse_attention", "use_backend"]
+           "qk_sparse_attention", "use_backend", "xielu"]

@@ -1,0 +1,230 @@
+import json
+
+import pytest
+import torch
+
+from fastllm.models import (ApertusConfig, LlamaConfig, build_model, config_from_dict, generate, model_names,
+                            register_model)
+from fastllm.testing import requires_cuda
+
+TINY = {"vocab_size": 97, "dim": 48, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "hidden_dim": 80}
+
+
+def tiny(arch, **overrides):
+    torch.manual_seed(0)
+    return build_model(config_from_dict({"arch": arch, **TINY, **overrides})).eval()
+
+
+ARCHES = [("llama", {}), ("llama", {"tie_embeddings": True, "n_kv_heads": 4}), ("apertus", {}),
+          ("apertus", {"rope_theta": 12e6, "rope_scaling": {"rope_type": "llama3", "factor": 8.0,
+                                                             "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                             "original_max_position_embeddings": 16}})]
+
+
+@pytest.mark.parametrize("arch,overrides", ARCHES)
+def test_kv_cache_matches_full_forward(arch, overrides):
+    model = tiny(arch, **overrides)
+    ids = torch.randint(0, 97, (3, 13))
+    full = model(ids)
+    cache = model.init_cache(3, 16)
+    pieces = [model(ids[:, :5], cache=cache), model(ids[:, 5:6], cache=cache), model(ids[:, 6:], cache=cache)]
+    assert cache.pos == 13
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="KV cache full"):
+        model(ids[:, :4], cache=cache)
+
+
+@pytest.mark.parametrize("arch,overrides", ARCHES[1:3])
+def test_greedy_generation_matches_full_forward(arch, overrides):
+    model = tiny(arch, **overrides)
+    prompt = torch.randint(0, 97, (2, 4))
+    out = generate(model, prompt, max_new_tokens=7, temperature=0.0)
+    assert out.shape == (2, 11) and torch.equal(out[:, :4], prompt)
+    # Each generated token is the argmax of a full (cache-free) forward over everything before it.
+    logits = model(out)
+    torch.testing.assert_close(out[:, 4:], logits[:, 3:-1].argmax(-1), rtol=0, atol=0)
+
+
+def test_sampling_options():
+    model = tiny("llama")
+    prompt = torch.randint(0, 97, (4, 3))
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    a = generate(model, prompt, 6, temperature=1.3, top_k=5, top_p=0.9, generator=g1)
+    b = generate(model, prompt, 6, temperature=1.3, top_k=5, top_p=0.9, generator=g2)
+    assert torch.equal(a, b)
+    # top_k=1 and a tiny top_p are both greedy.
+    greedy = generate(model, prompt, 6, temperature=0.0)
+    assert torch.equal(generate(model, prompt, 6, top_k=1), greedy)
+    assert torch.equal(generate(model, prompt, 6, top_p=1e-6), greedy)
+    with pytest.raises(ValueError, match="top_p"):
+        generate(model, prompt, 2, top_p=1.5)
+    assert model.training is False
+
+
+def test_top_k_and_top_p_support():
+    from fastllm.models import sample_next
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(2000, 4)
+    counts = torch.bincount(sample_next(logits, top_k=2, generator=torch.Generator().manual_seed(0)), minlength=4)
+    assert counts[2:].sum() == 0 and counts[0] > counts[1] > 0
+    counts = torch.bincount(sample_next(logits, top_p=0.85, generator=torch.Generator().manual_seed(0)), minlength=4)
+    assert counts[3] == 0 and counts[2] > 0  # 0.5 + 0.3 < 0.85 needs the third token
+
+
+def test_generation_stops_at_eos():
+    model = tiny("llama")
+    prompt = torch.randint(0, 97, (2, 3))
+    greedy = generate(model, prompt, 8, temperature=0.0)
+    eos = int(greedy[0, 5])
+    out = generate(model, prompt, 8, temperature=0.0, eos_id=eos)
+    first = (out[0, 3:] == eos).nonzero()[0].item() + 3
+    assert torch.all(out[0, first:] == eos)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # flex_attention runs unfused outside torch.compile
+@pytest.mark.parametrize("arch,attention", [("llama", "sdpa"), ("apertus", "sdpa"), ("apertus", "flex")])
+@torch.no_grad()
+def test_document_masking(arch, attention):
+    # A packed row of two documents gives each document the logits it gets alone.
+    model = tiny(arch, attention=attention)
+    a, b = torch.randint(0, 97, (1, 5)), torch.randint(0, 97, (1, 7))
+    packed = model(torch.cat([a, b], dim=1), doc_ids=torch.tensor([[0] * 5 + [1] * 7]))
+    torch.testing.assert_close(packed[:, :5], model(a), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed[:, 5:], model(b), atol=1e-5, rtol=1e-5)
+    # Without doc_ids the second document sees the first.
+    assert not torch.allclose(model(torch.cat([a, b], dim=1))[:, 5:], model(b), atol=1e-3)
+
+
+@pytest.mark.parametrize("arch,overrides", ARCHES)
+def test_config_json_round_trip(arch, overrides):
+    config = config_from_dict({"arch": arch, **TINY, **overrides})
+    again = config_from_dict(json.loads(json.dumps(config.to_dict())))
+    assert again == config and type(again) is type(config)
+    assert isinstance(config, {"llama": LlamaConfig, "apertus": ApertusConfig}[arch])
+
+
+def test_arch_defaults():
+    assert LlamaConfig().mlp == "swiglu" and not LlamaConfig().qk_norm
+    assert ApertusConfig().mlp == "xielu" and ApertusConfig().qk_norm
+    assert LlamaConfig(dim=768, n_heads=12).hidden_dim == 2048
+    assert {"llama", "apertus"} <= set(model_names())
+
+
+@pytest.mark.parametrize("d,error,match", [
+    ({"vocab_size": 10}, ValueError, "needs an 'arch' key"),
+    ({"arch": "gpt9"}, ValueError, "unknown model arch 'gpt9'; registered: .*llama"),
+    ({"arch": "llama", "dimm": 64}, ValueError, r"unknown llama config keys \['dimm'\]"),
+    ({"arch": "llama", "dim": 100, "n_heads": 3}, ValueError, "dim .100. must be divisible by n_heads"),
+    ({"arch": "llama", "n_heads": 8, "n_kv_heads": 3}, ValueError, "multiple of n_kv_heads"),
+    ({"arch": "llama", "n_layers": 0}, ValueError, "n_layers must be a positive integer"),
+    ({"arch": "llama", "vocab_size": "big"}, ValueError, "vocab_size must be a positive integer"),
+    ({"arch": "llama", "norm_eps": -1.0}, ValueError, "norm_eps must be a positive number"),
+    ({"arch": "llama", "tie_embeddings": "yes"}, ValueError, "tie_embeddings must be true or false"),
+    ({"arch": "llama", "mlp": "relu"}, ValueError, "mlp must be one of"),
+    ({"arch": "llama", "head_dim": 7}, ValueError, "head_dim must be even"),
+    ({"arch": "llama", "rope_scaling": {"rope_type": "linear"}}, ValueError, "needs the keys"),
+    ({"arch": "llama", "attention": "flash9"}, ValueError, "unknown attention 'flash9'; registered: .*sdpa"),
+    ("llama", TypeError, "must be a dict"),
+])
+def test_bad_configs(d, error, match):
+    with pytest.raises(error, match=match):
+        config_from_dict(d)
+
+
+def test_bad_inputs():
+    model = tiny("llama")
+    with pytest.raises(ValueError, match="input_ids must be a .batch, seq. integer tensor"):
+        model(torch.randn(2, 3))
+    with pytest.raises(ValueError, match="doc_ids must have input_ids' shape"):
+        model(torch.zeros(2, 3, dtype=torch.long), doc_ids=torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="batch size"):
+        model(torch.zeros(2, 3, dtype=torch.long), cache=model.init_cache(1, 8))
+
+
+def test_param_counts_flops_and_weight_decay():
+    untied, tied = tiny("llama"), tiny("llama", tie_embeddings=True)
+    V, D, L, H, hd, F = 97, 48, 2, 4, 12, 80
+    per_layer = D * H * hd + 2 * D * 2 * hd + H * hd * D + 3 * D * F + 2 * D
+    assert tied.num_params() == V * D + L * per_layer + D
+    assert untied.num_params() == tied.num_params() + V * D
+    assert untied.num_params(exclude_embeddings=True) == L * per_layer + D + V * D
+    for model in (tied, untied):
+        assert model.flops_per_token(64) == 6 * (L * per_layer + D + V * D) + 12 * L * H * hd * 64
+    apertus = tiny("apertus")
+    assert apertus.no_weight_decay() == {n for n, _ in apertus.named_parameters()
+                                         if "norm" in n or n.endswith(("alpha_p", "alpha_n"))}
+    assert "embed.weight" not in apertus.no_weight_decay()
+
+
+def test_training_step_and_compile():
+    model = tiny("apertus", n_layers=1).train()
+    ids = torch.randint(0, 97, (2, 10))
+    doc_ids = torch.tensor([[0] * 4 + [1] * 6, [0] * 10])
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    loss = torch.nn.functional.cross_entropy(compiled(ids, doc_ids=doc_ids).flatten(0, 1), ids.flatten())
+    loss.backward()
+    eager = model(ids, doc_ids=doc_ids)
+    torch.testing.assert_close(compiled(ids, doc_ids=doc_ids), eager)
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_register_model():
+    from fastllm.models.transformer import TransformerLM
+
+    class WideLM(TransformerLM):
+        pass
+
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    @dataclass
+    class WideConfig(LlamaConfig):
+        ARCH: ClassVar[str] = "test-wide"
+
+    register_model("test-wide", WideConfig, WideLM)
+    model = build_model({"arch": "test-wide", **TINY})
+    assert isinstance(model, WideLM) and model.config.arch == "test-wide"
+    from types import SimpleNamespace
+
+    with pytest.raises(TypeError, match="arch 'test-wide' expects a WideConfig, got SimpleNamespace"):
+        build_model(SimpleNamespace(arch="test-wide"))
+
+
+@requires_cuda
+@pytest.mark.parametrize("arch,attention", [("llama", "sdpa"), ("apertus", "sdpa"), ("apertus", "flex")])
+def test_cuda_bf16_autocast_compiled_training_step(arch, attention):
+    cpu_model = tiny(arch)
+    model = tiny(arch, attention=attention).cuda().train()
+    ids = torch.randint(0, 97, (4, 64))
+    doc_ids = torch.cumsum(torch.rand(4, 64) < 0.05, dim=1)
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        logits = compiled(ids.cuda(), doc_ids=doc_ids.cuda())
+    loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), ids.cuda().flatten())
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    with torch.no_grad():
+        expected = cpu_model(ids, doc_ids=doc_ids)
+    torch.testing.assert_close(logits.float().cpu(), expected, atol=5e-2, rtol=5e-2)
+
+
+@requires_cuda
+def test_cuda_generation_matches_full_forward():
+    model = tiny("apertus").cuda()
+    prompt = torch.randint(0, 97, (2, 5), device="cuda")
+    out = generate(model, prompt, max_new_tokens=9, temperature=0.0)
+    torch.testing.assert_close(out[:, 5:], model(out)[:, 4:-1].argmax(-1), rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_bfloat16_model_keeps_float32_rotary_angles():
+    # Casting the model must not round RoPE's frequencies: angles at long positions would be off by radians.
+    model = tiny("llama", n_layers=1)
+    positions = torch.tensor([0, 1, 4000, 65535])
+    expected = model.rope(positions)
+    model.to(torch.bfloat16)
+    for value, reference in zip(model.rope(positions), expected):
+        assert value.dtype == torch.float32
+        torch.testing.assert_close(value, reference, rtol=0, atol=0)
+    ids = torch.randint(0, 97, (2, 9))
+    assert model(ids).dtype == torch.bfloat16
