@@ -27,10 +27,10 @@ anew). Both layers are causal; ``causal=False`` is an error.
 
 Wiring into the attention registry: ``register_sparse_attentions(register_attention)`` registers
 the stateless variants "hash_sparse" (8 buckets, separate hashing), "hash_sparse_shared_qk" and
-"qk_drop" (random, 50%), and "fastllm_flash", dense attention on the same kernels. Their rotations come from a fixed seed per (heads, head_dim, buckets), so
-every layer and every call hashes alike. The learned QK-dropping layer has parameters: a model
-owns a ``QKDropAttention(..., learned=True)`` module per layer and calls it like the registry
-functions.
+"qk_drop" (random, 50%), and "fastllm_flash", dense attention on the same kernels. The hashing
+variants draw their rotations once, from a fixed seed, so every layer and every call hashes
+alike. The learned QK-dropping layer has parameters: a model owns a
+``QKDropAttention(..., learned=True)`` module per layer and calls it like the registry functions.
 """
 
 from __future__ import annotations
