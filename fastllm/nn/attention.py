@@ -160,3 +160,10 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v)
         out = self.attention(q, k, v, causal=True, doc_ids=doc_ids)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+# fastllm's own attention kernels (dense flash, hash-sparse, QK-dropping) join the registry; imported
+# last because they build on the helpers above.
+from fastllm.nn.sparse_attention import register_sparse_attentions  # noqa: E402
+
+register_sparse_attentions(register_attention)

@@ -1,0 +1,420 @@
+"""FlashAttention-2 in Triton, dense or with per-row key windows (the sparse attentions' kernel).
+
+Every query row ``i`` of one (batch, head) attends the keys ``j`` with ``lo[i] <= j < hi[i]``:
+
+* MODE_FULL: ``[0, T)``;  MODE_CAUSAL: ``[0, i + 1)``;
+* MODE_WINDOW: ``lo``, ``hi`` read from int32 tensors (B*H, T). The sparse attentions reorder
+  queries and keys (a stable compaction of kept tokens, or a stable sort by bucket) so that every
+  query sees one contiguous run of keys, and both ``lo`` and ``hi`` are non-decreasing in ``i``.
+  The key columns of the backward get the transposed windows, ``col_lo[j] <= i < col_hi[j]``.
+  The kernels gather and scatter the rows themselves through the two orders (int32 (B*H, T)), so
+  inputs, outputs and gradients keep the original order and no permuted copy is ever made.
+
+A program skips every key block outside its rows' windows (and, in the dK/dV pass, every query
+block outside its columns' windows), and builds the element mask only for tiles that some row
+sees partly. Rows that see no key get exactly zero output and a row maximum of +inf, which makes
+their probabilities (and so their gradients) exactly zero in the backward.
+
+Forward: online softmax in base 2; saves each row's maximum and log2 of its sum (fp32), from
+which the backward recomputes the probabilities with the forward's own roundings. Backward: a
+preprocess for ``delta = rowsum(dO * O)``, one pass over key blocks for dK and dV and a separate
+pass over query blocks for dQ (no atomics). Accumulation is fp32; fp32 inputs use IEEE products
+(no TF32) so they can serve as tests. Head dims are powers of two from 16 to 128.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+MODE_FULL, MODE_CAUSAL, MODE_WINDOW = 0, 1, 2
+HEAD_DIMS = (16, 32, 64, 128)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# Under the interpreter (CPU tests) one small tile keeps runs fast and still crosses blocks.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+LOG2E = 1.4426950408889634
+
+
+def _configs(shapes: list[tuple[int, int, int, int]]) -> list[triton.Config]:
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+
+
+# (BLOCK_M, BLOCK_N, warps, stages) for sm_80 / sm_90; BLOCK_M tiles queries, BLOCK_N keys.
+_FWD = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 4)])
+_DKDV = _configs([(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4)])
+_DQ = _configs([(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)])
+# Sequences up to SHORT_T use one config (tuning would cost more than it saves); float32 (IEEE
+# products on CUDA cores, for tests) uses one small-tile config.
+SHORT_T = 1024
+_SHORT = _configs([(64, 64, 4, 3)])
+_FP32_ROWS = _configs([(64, 32, 4, 2)])
+_FP32_COLS = _configs([(32, 64, 4, 2)])
+# Tiles that do not fit shared memory (128-dim heads on sm_80) are dropped by the autotuner.
+_TUNE_KEY = ["T", "HEAD_DIM", "MODE"]
+
+
+def _variants(kernel, configs, fp32_configs):
+    return {name: triton.autotune(configs=c, key=_TUNE_KEY)(kernel)
+            for name, c in (("tuned", configs), ("short", _SHORT), ("fp32", fp32_configs))}
+
+
+def _pick(variants, q: torch.Tensor):
+    if q.dtype == torch.float32:
+        return variants["fp32"]
+    return variants["short"] if q.shape[2] <= SHORT_T else variants["tuned"]
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _windows(LO, HI, offs, T, MODE: tl.constexpr):
+    """[lo, hi) of the keys (or, with the column tables, queries) each index sees; none past T."""
+    valid = offs < T
+    if MODE == 2:
+        lo = tl.load(LO + offs, mask=valid, other=T)
+        hi = tl.load(HI + offs, mask=valid, other=0)
+    elif MODE == 1:
+        lo = tl.where(valid, 0, T)
+        hi = tl.where(valid, offs + 1, 0)
+    else:
+        lo = tl.where(valid, 0, T)
+        hi = tl.where(valid, T, 0)
+    return lo, hi
+
+
+@triton.jit
+def _rows(IDX, offs, T, MODE: tl.constexpr):
+    """Memory rows of the reordered indices ``offs``: IDX[offs] with windows, else ``offs`` itself."""
+    if MODE == 2:
+        return tl.load(IDX + offs, mask=offs < T, other=0)
+    else:
+        return offs
+
+
+@triton.jit
+def _window_end(lo, hi):
+    """End of the union of the windows; 0 when all are empty (dropped queries or keys, whose empty
+    windows sit past the kept ones), so that their blocks skip the loop."""
+    return tl.where(tl.max(hi - lo, 0) > 0, tl.max(hi, 0), 0)
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, STATS, LO, HI, QIDX, KIDX, scale_log2,
+                stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+                H, H_KV, T, HEAD_DIM: tl.constexpr, MODE: tl.constexpr, IEEE: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Heaviest (last, under a causal mask) query blocks first: a shorter tail.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    hk = h // (H // H_KV)  # grouped-query attention: the key/value head of this query head
+    Q += b * stride_qb + h * stride_qh
+    K += b * stride_kb + hk * stride_kh
+    V += b * stride_vb + hk * stride_vh
+    O += bh.to(tl.int64) * T * HEAD_DIM
+    n_rows = tl.num_programs(1).to(tl.int64) * T
+    STATS += bh.to(tl.int64) * T
+    LO += bh.to(tl.int64) * T
+    HI += bh.to(tl.int64) * T
+    QIDX += bh.to(tl.int64) * T
+    KIDX += (b * H_KV + hk) * T
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_valid = offs_m < T
+    lo, hi = _windows(LO, HI, offs_m, T, MODE)
+    lo_max = tl.max(lo, 0)
+    hi_min = tl.min(hi, 0)
+    q_rows = _rows(QIDX, offs_m, T, MODE)
+    q = tl.load(Q + q_rows[:, None] * stride_qt + offs_d[None, :], mask=row_valid[:, None], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for start_n in tl.range((tl.min(lo, 0) // BLOCK_N) * BLOCK_N, _window_end(lo, hi), BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k_rows = _rows(KIDX, offs_n, T, MODE)
+        kt = tl.load(K + k_rows[None, :] * stride_kt + offs_d[:, None], mask=offs_n[None, :] < T, other=0.0)
+        s = _dot(q, kt, IEEE)
+        if (start_n < lo_max) | (start_n + BLOCK_N > hi_min):  # some row sees only part of this tile
+            visible = (offs_n[None, :] >= lo[:, None]) & (offs_n[None, :] < hi[:, None])
+            s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
+        # A row that has seen no key yet keeps m = -inf; subtracting 0 keeps its p and alpha at 0.
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        # One rounding for scale and shift: the exponent's error sets the probabilities' error.
+        p = tl.math.exp2(tl.fma(s, scale_log2, -m_sub[:, None]))
+        alpha = tl.math.exp2(m_i - m_sub)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + k_rows[:, None] * stride_vt + offs_d[None, :], mask=offs_n[:, None] < T, other=0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+        m_i = m_new
+
+    seen = l_i > 0.0
+    l_safe = tl.where(seen, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    # p = 2^(s * scale_log2 - m - log2(l)); the backward recomputes the first subtraction with
+    # the very m used here, so its rounding cancels against l.
+    m_i = tl.where(seen, m_i, float("inf"))
+    log2_l = tl.math.log2(l_safe)
+    tl.store(O + q_rows[:, None] * HEAD_DIM + offs_d[None, :], out.to(O.dtype.element_ty), mask=row_valid[:, None])
+    tl.store(STATS + offs_m, m_i, mask=row_valid)
+    tl.store(STATS + n_rows + offs_m, log2_l, mask=row_valid)
+
+
+@triton.jit
+def _bwd_preprocess_kernel(O, DO, DELTA, QIDX, stride_dob, stride_doh, stride_dot, H, T,
+                           HEAD_DIM: tl.constexpr, MODE: tl.constexpr, BLOCK_M: tl.constexpr):
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_valid = offs_m < T
+    q_rows = _rows(QIDX + bh.to(tl.int64) * T, offs_m, T, MODE)
+    o = tl.load(O + bh.to(tl.int64) * T * HEAD_DIM + q_rows[:, None] * HEAD_DIM + offs_d[None, :],
+                mask=row_valid[:, None], other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + q_rows[:, None] * stride_dot + offs_d[None, :],
+                 mask=row_valid[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh.to(tl.int64) * T + offs_m, delta, mask=row_valid)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV, LO, HI, COL_LO, COL_HI, QIDX, KIDX, scale_log2, scale,
+                     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                     stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
+                     H, H_KV, T, HEAD_DIM: tl.constexpr, MODE: tl.constexpr, IEEE: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # One program per key block of one key/value head; it sums over the query heads of its group.
+    pid_n = tl.program_id(0)
+    bhk = tl.program_id(1)
+    group = H // H_KV
+    b = (bhk // H_KV).to(tl.int64)
+    hk = (bhk % H_KV).to(tl.int64)
+    K += b * stride_kb + hk * stride_kh
+    V += b * stride_vb + hk * stride_vh
+    DK += bhk.to(tl.int64) * T * HEAD_DIM
+    DV += bhk.to(tl.int64) * T * HEAD_DIM
+    n_rows = tl.num_programs(1).to(tl.int64) * group * T
+
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    col_valid = offs_n < T
+    k_rows = _rows(KIDX + bhk.to(tl.int64) * T, offs_n, T, MODE)
+    k = tl.load(K + k_rows[:, None] * stride_kt + offs_d[None, :], mask=col_valid[:, None], other=0.0)
+    v = tl.load(V + k_rows[:, None] * stride_vt + offs_d[None, :], mask=col_valid[:, None], other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    for g in range(group):
+        h = hk * group + g
+        row_base = (b * H + h) * T
+        q_head = Q + b * stride_qb + h * stride_qh
+        do_head = DO + b * stride_dob + h * stride_doh
+        # The query rows that can see this key block.
+        if MODE == 2:
+            q_lo, q_hi = _windows(COL_LO + row_base, COL_HI + row_base, offs_n, T, MODE)
+            first_m = tl.min(q_lo, 0)
+            end_m = _window_end(q_lo, q_hi)
+        elif MODE == 1:
+            first_m = start_n
+            end_m = T
+        else:
+            first_m = 0
+            end_m = T
+        for start_m in tl.range((first_m // BLOCK_M) * BLOCK_M, end_m, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            row_valid = offs_m < T
+            lo, hi = _windows(LO + row_base, HI + row_base, offs_m, T, MODE)
+            q_rows = _rows(QIDX + row_base, offs_m, T, MODE)
+            qt = tl.load(q_head + q_rows[None, :] * stride_qt + offs_d[:, None], mask=row_valid[None, :], other=0.0)
+            m = tl.load(STATS + row_base + offs_m, mask=row_valid, other=float("inf"))
+            log2_l = tl.load(STATS + n_rows + row_base + offs_m, mask=row_valid, other=0.0)
+            pt = tl.math.exp2(tl.fma(_dot(k, qt, IEEE), scale_log2, -m[None, :]) - log2_l[None, :])
+            if (start_n < tl.max(lo, 0)) | (start_n + BLOCK_N > tl.min(hi, 0)):
+                visible = (offs_n[:, None] >= lo[None, :]) & (offs_n[:, None] < hi[None, :])
+                pt = tl.where(visible, pt, 0.0)
+            do = tl.load(do_head + q_rows[:, None] * stride_dot + offs_d[None, :], mask=row_valid[:, None], other=0.0)
+            dv += _dot(pt.to(do.dtype), do, IEEE)
+            delta = tl.load(DELTA + row_base + offs_m, mask=row_valid, other=0.0)
+            dst = pt * (_dot(v, tl.trans(do), IEEE) - delta[None, :])
+            dk += _dot(dst.to(qt.dtype), tl.trans(qt), IEEE)
+
+    out_mask = col_valid[:, None]
+    tl.store(DK + k_rows[:, None] * HEAD_DIM + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=out_mask)
+    tl.store(DV + k_rows[:, None] * HEAD_DIM + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ, LO, HI, QIDX, KIDX, scale_log2, scale,
+                   stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                   stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
+                   H, H_KV, T, HEAD_DIM: tl.constexpr, MODE: tl.constexpr, IEEE: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    hk = h // (H // H_KV)
+    Q += b * stride_qb + h * stride_qh
+    K += b * stride_kb + hk * stride_kh
+    V += b * stride_vb + hk * stride_vh
+    DO += b * stride_dob + h * stride_doh
+    row_base = bh.to(tl.int64) * T
+    n_rows = tl.num_programs(1).to(tl.int64) * T
+    STATS += row_base
+    DELTA += row_base
+    LO += row_base
+    HI += row_base
+    DQ += row_base * HEAD_DIM
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_valid = offs_m < T
+    lo, hi = _windows(LO, HI, offs_m, T, MODE)
+    lo_max = tl.max(lo, 0)
+    hi_min = tl.min(hi, 0)
+    q_rows = _rows(QIDX + row_base, offs_m, T, MODE)
+    KIDX += (b * H_KV + hk) * T
+    q = tl.load(Q + q_rows[:, None] * stride_qt + offs_d[None, :], mask=row_valid[:, None], other=0.0)
+    do = tl.load(DO + q_rows[:, None] * stride_dot + offs_d[None, :], mask=row_valid[:, None], other=0.0)
+    m = tl.load(STATS + offs_m, mask=row_valid, other=float("inf"))
+    log2_l = tl.load(STATS + n_rows + offs_m, mask=row_valid, other=0.0)
+    delta = tl.load(DELTA + offs_m, mask=row_valid, other=0.0)
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for start_n in tl.range((tl.min(lo, 0) // BLOCK_N) * BLOCK_N, _window_end(lo, hi), BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        key_valid = offs_n[None, :] < T
+        k_rows = _rows(KIDX, offs_n, T, MODE)
+        kt = tl.load(K + k_rows[None, :] * stride_kt + offs_d[:, None], mask=key_valid, other=0.0)
+        vt = tl.load(V + k_rows[None, :] * stride_vt + offs_d[:, None], mask=key_valid, other=0.0)
+        p = tl.math.exp2(tl.fma(_dot(q, kt, IEEE), scale_log2, -m[:, None]) - log2_l[:, None])
+        if (start_n < lo_max) | (start_n + BLOCK_N > hi_min):
+            visible = (offs_n[None, :] >= lo[:, None]) & (offs_n[None, :] < hi[:, None])
+            p = tl.where(visible, p, 0.0)
+        ds = p * (_dot(do, vt, IEEE) - delta[:, None])
+        dq += _dot(ds.to(kt.dtype), tl.trans(kt), IEEE)
+
+    tl.store(DQ + q_rows[:, None] * HEAD_DIM + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
+             mask=row_valid[:, None])
+
+
+_FWD_KERNELS = _variants(_fwd_kernel, _FWD, _FP32_ROWS)
+_DKDV_KERNELS = _variants(_bwd_dkdv_kernel, _DKDV, _FP32_COLS)
+_DQ_KERNELS = _variants(_bwd_dq_kernel, _DQ, _FP32_ROWS)
+
+
+def _mode(row_lo: torch.Tensor | None, causal: bool) -> int:
+    if row_lo is not None:
+        return MODE_WINDOW
+    return MODE_CAUSAL if causal else MODE_FULL
+
+
+def _strides(x: torch.Tensor) -> tuple[int, int, int]:
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _unit_last(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_lo: torch.Tensor | None,
+                      row_hi: torch.Tensor | None, q_order: torch.Tensor | None, k_order: torch.Tensor | None,
+                      causal: bool, softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launches the forward on q (B, H, T, D) and k, v (B, H_KV, T, D), H_KV dividing H (grouped-query
+    attention); returns (out contiguous, stats fp32 (2, B, H, T)).
+
+    Row i's probabilities are 2^(s_ij * scale * log2(e) - stats[0, i] - stats[1, i]) (row maximum
+    and log2 of the row sum; +inf and 0 for rows that see no key).
+
+    With windows (int32, contiguous (B, H, T): ``row_lo``, ``row_hi``, and the orders ``q_order``,
+    ``k_order``) the kernels work in the reordered frame: its row r is query q_order[r], its column c
+    is key k_order[c], row r sees columns [row_lo[r], row_hi[r]), and ``causal`` is ignored. Inputs
+    and outputs stay in the original order (the kernels load and store rows through the orders);
+    ``stats`` are per reordered row.
+    """
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    B, H, T, D = q.shape
+    out = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
+    stats = torch.empty((2, B, H, T), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, stats
+    mode = _mode(row_lo, causal)
+    unused = torch.empty(1, dtype=torch.int32, device=q.device)  # MODE_FULL/MODE_CAUSAL read no windows
+    lo, hi, q_idx, k_idx = [t if t is not None else unused for t in (row_lo, row_hi, q_order, k_order)]
+
+    def grid(meta):
+        return (triton.cdiv(T, meta["BLOCK_M"]), B * H)
+
+    wrap_triton(_pick(_FWD_KERNELS, q))[grid](
+        q, k, v, out, stats, lo, hi, q_idx, k_idx, softmax_scale * LOG2E, *_strides(q), *_strides(k), *_strides(v), H, k.shape[1], T,
+        HEAD_DIM=D, MODE=mode, IEEE=q.dtype == torch.float32)
+    return out, stats
+
+
+def column_windows(row_lo: torch.Tensor, row_hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For non-decreasing row windows: key j is seen by exactly the rows [col_lo[j], col_hi[j])."""
+    T = row_lo.shape[-1]
+    keys = torch.arange(T, device=row_lo.device, dtype=row_lo.dtype).expand(row_lo.shape).contiguous()
+    col_lo = torch.searchsorted(row_hi, keys, right=True, out_int32=True)  # first row with hi > j
+    col_hi = torch.searchsorted(row_lo, keys, right=True, out_int32=True)  # rows with lo <= j
+    return col_lo, col_hi
+
+
+def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                       stats: torch.Tensor, row_lo: torch.Tensor | None, row_hi: torch.Tensor | None,
+                       q_order: torch.Tensor | None, k_order: torch.Tensor | None, causal: bool,
+                       softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launches the backward; returns contiguous (dq, dk, dv). ``out`` is the forward's (contiguous)."""
+    q, k, v, dout = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(dout)
+    out = out.contiguous()
+    B, H, T, D = q.shape
+    H_KV = k.shape[1]
+    dq = torch.empty_like(out)
+    dk, dv = [torch.empty((B, H_KV, T, D), dtype=k.dtype, device=k.device) for _ in range(2)]
+    if out.numel() == 0:
+        return dq, dk, dv
+    mode = _mode(row_lo, causal)
+    delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
+    unused = torch.empty(1, dtype=torch.int32, device=q.device)  # MODE_FULL/MODE_CAUSAL read no windows
+    if row_lo is not None:
+        col_lo, col_hi = column_windows(row_lo, row_hi)
+    else:
+        row_lo = row_hi = col_lo = col_hi = q_order = k_order = unused
+    block = 16 if INTERPRET else 64
+    wrap_triton(_bwd_preprocess_kernel)[(triton.cdiv(T, block), B * H)](
+        out, dout, delta, q_order, *_strides(dout), H, T, HEAD_DIM=D, MODE=mode, BLOCK_M=block)
+    strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout))
+    ieee = q.dtype == torch.float32
+
+    def grid_n(meta):
+        return (triton.cdiv(T, meta["BLOCK_N"]), B * H_KV)
+
+    def grid_m(meta):
+        return (triton.cdiv(T, meta["BLOCK_M"]), B * H)
+
+    wrap_triton(_pick(_DKDV_KERNELS, q))[grid_n](
+        q, k, v, dout, stats, delta, dk, dv, row_lo, row_hi, col_lo, col_hi, q_order, k_order,
+        softmax_scale * LOG2E, softmax_scale,
+        *strides, H, H_KV, T, HEAD_DIM=D, MODE=mode, IEEE=ieee)
+    wrap_triton(_pick(_DQ_KERNELS, q))[grid_m](
+        q, k, v, dout, stats, delta, dq, row_lo, row_hi, q_order, k_order, softmax_scale * LOG2E, softmax_scale,
+        *strides, H, H_KV, T, HEAD_DIM=D, MODE=mode, IEEE=ieee)
+    return dq, dk, dv
+
