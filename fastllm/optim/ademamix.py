@@ -16,9 +16,18 @@ import math
 from collections.abc import Callable, Iterable
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from fastllm.ops import _backend, ademamix_step_, use_backend
 from fastllm.ops.ademamix import KERNEL_DTYPES
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2 parameters, their grads and states); the tensor otherwise.
+
+    The update is elementwise, so stepping every rank's shard is the sharded step.
+    """
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def alpha_schedule(step: int, alpha: float, t_alpha: int | None) -> float:
@@ -128,7 +137,7 @@ class AdEMAMix(torch.optim.Optimizer):
                 lists = buckets.setdefault(key, [[], [], [], [], []])
                 for column, tensor in zip(lists, (p, p.grad, state["exp_avg_fast"], state["exp_avg_slow"],
                                                   state["exp_avg_sq"])):
-                    column.append(tensor)
+                    column.append(_local(tensor))
             beta1, beta2, beta3 = group["betas"]
             for (_, _, _, step), lists in buckets.items():
                 hyper = dict(

@@ -197,3 +197,55 @@ def test_cuda_fused_matches_reference_for_120_steps():
     run(ref_params, AdEMAMix(ref_params, fused=False, **CONFIG), 120)
     for f, r in zip(fused_params, ref_params):
         torch.testing.assert_close(f, r, rtol=1e-5, atol=1e-6)
+
+
+def _fsdp_worker(rank: int, world: int, port: int, queue) -> None:
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 5))
+    fully_shard(model)
+    optimizer = AdEMAMix(model.parameters(), **CONFIG)
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(rank))  # each rank its own batch
+    for _ in range(5):
+        model(x).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    # numpy arrays pickle by value; tensors would travel by shared memory that dies with this process.
+    full = {k: v.full_tensor().numpy() for k, v in model.state_dict().items()}
+    if rank == 0:
+        queue.put(full)
+    dist.destroy_process_group()
+
+
+def test_fsdp2_sharded_parameters_step_like_one_process():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    processes = [context.Process(target=_fsdp_worker, args=(rank, 2, port, queue)) for rank in range(2)]
+    for process in processes:
+        process.start()
+    sharded = queue.get(timeout=120)
+    for process in processes:
+        process.join(timeout=60)
+        assert process.exitcode == 0
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 5))
+    optimizer = AdEMAMix(model.parameters(), **CONFIG)
+    inputs = [torch.randn(4, 8, generator=torch.Generator().manual_seed(rank)) for rank in range(2)]
+    for _ in range(5):
+        # FSDP averages the ranks' gradients: the same as the mean of the per-rank losses.
+        (sum(model(x).pow(2).mean() for x in inputs) / 2).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(torch.from_numpy(sharded[name]), value, rtol=1e-5, atol=1e-6)
