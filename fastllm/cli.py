@@ -17,8 +17,6 @@ import math
 import sys
 import time
 
-from fastllm.train.config import ConfigError
-
 
 def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     from fastllm.train import load_config, parse_overrides, train
@@ -156,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "eval":
             return _eval(args)
         return _data_prepare(args)
-    except (ConfigError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, ImportError, OSError) as e:  # bad config, data, paths or a missing optional package
         print(f"fastllm {args.command}: error: {e}", file=sys.stderr)
         return 2
 

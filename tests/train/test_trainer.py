@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fastllm.optim.schedules import ademamix_class
+from fastllm.testing import requires_cuda
 from fastllm.train import trainer
 from fastllm.train.checkpoint import list_checkpoints, load_model, load_state
 from fastllm.train.metrics import read_metrics
@@ -157,3 +158,18 @@ def _flat(d: dict, prefix: str = ""):
             yield from _flat(value, f"{prefix}{key}.")
         elif value is not None:
             yield f"{prefix}{key}", json.dumps(value, separators=(",", ":")) if isinstance(value, (list, bool)) else value
+
+
+@requires_cuda
+def test_gpu_bf16_compiled_run_resumes(tiny_config, tmp_path):
+    """On a GPU: bf16 autocast and torch.compile; a resumed run follows the uninterrupted one."""
+    cfg = tiny_config(run__device="cuda", run__compile=True, run__out=tmp_path / "full")
+    result = trainer.train(cfg)
+    assert result["status"] == "completed" and math.isfinite(result["val_loss"])
+    full = losses(cfg.run.out)
+    assert full[6] < full[1]
+    shutil.copytree(cfg.run.out, tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step_00000006")
+    trainer.train(tiny_config(run__device="cuda", run__compile=True, run__out=tmp_path / "resumed"))
+    resumed = losses(tmp_path / "resumed")
+    assert all(resumed[s] == pytest.approx(full[s], rel=1e-3) for s in full)
