@@ -22,6 +22,9 @@ from fastllm.ops import _backend, ademamix_step_, use_backend
 from fastllm.ops.ademamix import KERNEL_DTYPES
 
 
+_STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     """The local shard of a DTensor (FSDP2 parameters, their grads and states); the tensor otherwise.
 
@@ -57,7 +60,8 @@ class AdEMAMix(torch.optim.Optimizer):
         t_alpha, t_beta3: warm-up horizons of alpha and beta3 in steps (None: no warm-up).
         fused: None uses the compiled kernel where one applies, True requires it, False runs the
             pure-PyTorch reference. Results agree up to rounding; states are interchangeable.
-        state_dtype: dtype of the three moment buffers (default float32; bfloat16 halves their memory).
+        state_dtype: dtype of the three moment buffers, torch.float32 (default) or torch.bfloat16 (halves
+            their memory); kept in the param groups by name so state dicts hold no torch.dtype.
         stochastic_rounding: round bfloat16 params and states stochastically (fused kernels only).
     """
 
@@ -72,7 +76,7 @@ class AdEMAMix(torch.optim.Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         fused: bool | None = None,
-        state_dtype: torch.dtype = torch.float32,
+        state_dtype: torch.dtype | str = torch.float32,
         stochastic_rounding: bool = False,
     ):
         if not lr >= 0.0:
@@ -88,7 +92,8 @@ class AdEMAMix(torch.optim.Optimizer):
         for name, horizon in (("t_alpha", t_alpha), ("t_beta3", t_beta3)):
             if horizon is not None and not (isinstance(horizon, int) and horizon > 0):
                 raise ValueError(f"{name} must be a positive int or None, got {horizon!r}")
-        if state_dtype not in (torch.float32, torch.bfloat16):
+        state_dtype = str(state_dtype).removeprefix("torch.")
+        if state_dtype not in _STATE_DTYPES:
             raise TypeError(f"state_dtype must be torch.float32 or torch.bfloat16, got {state_dtype}")
         defaults = dict(lr=lr, betas=tuple(betas), alpha=alpha, t_alpha=t_alpha, t_beta3=t_beta3, eps=eps,
                         weight_decay=weight_decay, fused=fused, state_dtype=state_dtype,
@@ -109,12 +114,12 @@ class AdEMAMix(torch.optim.Optimizer):
         if not compiled:
             raise RuntimeError(_backend.missing_kernel_message("AdEMAMix(fused=True)", p.device))
 
-    def _init_state(self, p: torch.Tensor, state_dtype: torch.dtype) -> dict:
+    def _init_state(self, p: torch.Tensor, state_dtype: str) -> dict:
         state = self.state[p]
         if not state:
             state["step"] = torch.tensor(0.0)
             for name in ("exp_avg_fast", "exp_avg_slow", "exp_avg_sq"):
-                state[name] = torch.zeros_like(p, dtype=state_dtype, memory_format=torch.contiguous_format)
+                state[name] = torch.zeros_like(p, dtype=_STATE_DTYPES[state_dtype], memory_format=torch.contiguous_format)
         return state
 
     @torch.no_grad()

@@ -84,11 +84,6 @@ def _train(cfg: TrainConfig, env: distributed.Env) -> dict:
     if env.distributed and cfg.run.parallel == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        if cfg.optim.name == "ademamix":
-            raise ConfigError("optim.name='ademamix' cannot step FSDP2's sharded (DTensor) parameters yet "
-                              "(fastllm::ademamix_step_ has no sharding rule); use --optim.name=adamw or "
-                              "--parallel=ddp")
-
         for block in transformer_blocks(model):
             if cfg.run.compile:
                 block.compile()

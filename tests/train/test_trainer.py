@@ -137,7 +137,9 @@ def test_two_processes_reproduce_one(tiny_config, tmp_path, parallel):
     single-process trajectory; a distributed checkpoint resumes and loads like any other."""
     if parallel == "fsdp":
         pytest.importorskip("torch.distributed.fsdp", reason="FSDP2 needs torch.distributed.fsdp.fully_shard")
-    single = tiny_config(run__steps=4, run__out=tmp_path / "single")
+    # FSDP2 runs the default optimizer, AdEMAMix, on its sharded (DTensor) parameters.
+    optimizer = "ademamix" if parallel == "fsdp" else "adamw"
+    single = tiny_config(run__steps=4, run__out=tmp_path / "single", optim__name=optimizer)
     trainer.train(single)
     args = [f"--{key}={value}" for key, value in _flat(single.to_dict())
             if key not in ("run.out",)] + [f"--run.out={tmp_path / parallel}", f"--run.parallel={parallel}"]
