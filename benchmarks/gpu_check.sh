@@ -2,7 +2,7 @@
 # GPU check: build fastllm's CUDA kernels for the present card only, run the GPU tests, run the GPU
 # benchmarks, print a short ratio table. About 8 minutes on an H100/H200 with every part.
 #
-#   bash benchmarks/gpu_check.sh                  # all parts: build tests ops attention train
+#   bash benchmarks/gpu_check.sh                  # all parts: build tests ops attention train smoke
 #   PARTS="build tests ops" bash benchmarks/gpu_check.sh   # a subset (build is needed once per machine)
 #   OUT=dir                                       # where logs and JSON go (default /tmp/fastllm-gpu-check)
 set -uo pipefail
@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 OUT=${OUT:-/tmp/fastllm-gpu-check}
-PARTS=${PARTS:-"build tests ops attention train"}
+PARTS=${PARTS:-"build tests ops attention train smoke"}
 mkdir -p "$OUT"
 status=0
 start=$(date +%s)
@@ -45,6 +45,12 @@ has ops && bench ops 240 benchmarks -k cuda --ignore=benchmarks/bench_flash_atte
   --ignore=benchmarks/bench_train.py --ignore=benchmarks/bench_mamba_generation.py
 has attention && bench attention 240 benchmarks/bench_flash_attention.py
 has train && bench train 240 benchmarks/bench_train.py benchmarks/bench_mamba_generation.py -k cuda
+
+if has smoke; then  # the main job on the GPU: bf16 autocast, MFU in the log
+  timeout 120 "$PY" -m fastllm.cli train --out="$OUT/smoke" --steps=50 --warmup_steps=5 --eval_interval=25 \
+    > "$OUT/smoke.log" 2>&1 || status=1
+  tail -c 600 "$OUT/smoke.log"; echo
+fi
 
 elapsed "gpu_check done, status $status"
 exit $status
