@@ -29,10 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastllm.models.denseformer import prepare_inputs
 from fastllm.models.registry import register_model
 from fastllm.models.transformer import TransformerConfig, TransformerLM
-from fastllm.nn import DecoderBlock, KVCache, RMSNorm, apply_rotary
+from fastllm.nn import DecoderBlock, KVCache, RMSNorm, apply_rotary, rotary_tables
 from fastllm.nn.attention import attention_mask
 
 
@@ -163,7 +162,7 @@ class CoTFormerLM(TransformerLM):
     def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> torch.Tensor:
         c = self.config
-        cos, sin = prepare_inputs(self, input_ids, doc_ids, cache)
+        cos, sin = rotary_tables(self.rope, input_ids, doc_ids, cache)
         x = self.embed(input_ids)
         begin = self.layers[:c.n_begin]
         middle = self.layers[c.n_begin:c.n_begin + c.n_middle]

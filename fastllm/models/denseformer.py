@@ -16,29 +16,8 @@ import torch.nn.functional as F
 
 from fastllm.models.registry import register_model
 from fastllm.models.transformer import TransformerConfig, TransformerLM
-from fastllm.nn import positions_from_doc_ids
+from fastllm.nn import rotary_tables
 from fastllm.nn.depth_weighted_average import DepthWeightedAverages
-
-
-def prepare_inputs(model: TransformerLM, input_ids: torch.Tensor, doc_ids: torch.Tensor | None,
-                   cache) -> tuple[torch.Tensor, torch.Tensor]:
-    """TransformerLM.forward's input checks and RoPE tables (cos, sin), for models with their own block loop."""
-    if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"input_ids must be a (batch, seq) integer tensor, got {input_ids.dtype} "
-                         f"of shape {tuple(input_ids.shape)}")
-    B, T = input_ids.shape
-    if doc_ids is not None:
-        if cache is not None:
-            raise ValueError("doc_ids cannot be combined with a KV cache")
-        if doc_ids.shape != input_ids.shape:
-            raise ValueError(f"doc_ids must have input_ids' shape {(B, T)}, got {tuple(doc_ids.shape)}")
-        positions = positions_from_doc_ids(doc_ids)
-    elif cache is not None:
-        cache.check_room(B, T)
-        positions = torch.arange(cache.pos, cache.pos + T, device=input_ids.device)
-    else:
-        positions = torch.arange(T, device=input_ids.device)
-    return model.rope(positions)
 
 
 @dataclass
@@ -62,7 +41,7 @@ class DenseFormerLM(TransformerLM):
         self.dwa = DepthWeightedAverages(config.n_layers, config.dwa_dilation, config.dwa_period)
 
     def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None, cache=None) -> torch.Tensor:
-        cos, sin = prepare_inputs(self, input_ids, doc_ids, cache)
+        cos, sin = rotary_tables(self.rope, input_ids, doc_ids, cache)
         x = self.embed(input_ids)
         dwa = self.dwa.start(x)
         for i, layer in enumerate(self.layers, start=1):

@@ -27,7 +27,7 @@ from fastllm.nn.cache import KVCache
 from fastllm.nn.mamba import MambaCache, MambaMixer
 from fastllm.nn.mlp import SwiGLU
 from fastllm.nn.norm import RMSNorm
-from fastllm.nn.rope import RotaryEmbedding, positions_from_doc_ids
+from fastllm.nn.rope import RotaryEmbedding, rotary_tables
 
 _INT_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim", "d_state",
                "d_conv", "expand", "dt_rank", "max_seq_len")
@@ -182,22 +182,8 @@ class HybridLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None,
                 cache: HybridCache | None = None) -> torch.Tensor:
         """Logits (B, T, vocab) for input_ids (B, T); ``cache`` continues from the tokens it has seen."""
-        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"input_ids must be a (batch, seq) integer tensor, got {input_ids.dtype} "
-                             f"of shape {tuple(input_ids.shape)}")
-        B, T = input_ids.shape
-        if doc_ids is not None:
-            if cache is not None:
-                raise ValueError("doc_ids cannot be combined with a cache")
-            if doc_ids.shape != input_ids.shape:
-                raise ValueError(f"doc_ids must have input_ids' shape {(B, T)}, got {tuple(doc_ids.shape)}")
-            positions = positions_from_doc_ids(doc_ids)
-        elif cache is not None:
-            cache.check_room(B, T)
-            positions = torch.arange(cache.pos, cache.pos + T, device=input_ids.device)
-        else:
-            positions = torch.arange(T, device=input_ids.device)
-        cos, sin = self.rope(positions)
+        cos, sin = rotary_tables(self.rope, input_ids, doc_ids, cache)
+        T = input_ids.shape[1]
         x = self.embed(input_ids)
         for layer in self.layers:
             x = layer(x, cos, sin, doc_ids, cache)

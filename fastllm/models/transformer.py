@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastllm.nn import DecoderBlock, KVCache, RMSNorm, RotaryEmbedding, XIELU, get_attention, positions_from_doc_ids
+from fastllm.nn import DecoderBlock, KVCache, RMSNorm, RotaryEmbedding, XIELU, get_attention, rotary_tables
 from fastllm.nn.block import MLPS
 from fastllm.nn.rope import check_rope_scaling
 
@@ -133,22 +133,8 @@ class TransformerLM(nn.Module):
                 cache: KVCache | None = None) -> torch.Tensor:
         """Logits (B, T, vocab) for input_ids (B, T). ``doc_ids`` (B, T) keeps attention inside documents and
         restarts positions at each; ``cache`` continues from the tokens it holds and then holds these too."""
-        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"input_ids must be a (batch, seq) integer tensor, got {input_ids.dtype} "
-                             f"of shape {tuple(input_ids.shape)}")
-        B, T = input_ids.shape
-        if doc_ids is not None:
-            if cache is not None:
-                raise ValueError("doc_ids cannot be combined with a KV cache")
-            if doc_ids.shape != input_ids.shape:
-                raise ValueError(f"doc_ids must have input_ids' shape {(B, T)}, got {tuple(doc_ids.shape)}")
-            positions = positions_from_doc_ids(doc_ids)
-        elif cache is not None:
-            cache.check_room(B, T)
-            positions = torch.arange(cache.pos, cache.pos + T, device=input_ids.device)
-        else:
-            positions = torch.arange(T, device=input_ids.device)
-        cos, sin = self.rope(positions)
+        cos, sin = rotary_tables(self.rope, input_ids, doc_ids, cache)
+        T = input_ids.shape[1]
         x = self.embed(input_ids)
         for layer in self.layers:
             x = layer(x, cos, sin, doc_ids, cache)

@@ -87,6 +87,31 @@ class RotaryEmbedding(nn.Module):
         return angles.cos(), angles.sin()
 
 
+def rotary_tables(rope: RotaryEmbedding, input_ids: torch.Tensor, doc_ids: torch.Tensor | None,
+                  cache=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checks a language model's inputs and returns the RoPE tables (cos, sin) of their positions.
+
+    Positions restart at each document with ``doc_ids`` (B, T), continue after the tokens a ``cache``
+    holds (anything with ``pos`` and ``check_room(B, T)``), and count from 0 otherwise.
+    """
+    if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"input_ids must be a (batch, seq) integer tensor, got {input_ids.dtype} "
+                         f"of shape {tuple(input_ids.shape)}")
+    B, T = input_ids.shape
+    if doc_ids is not None:
+        if cache is not None:
+            raise ValueError("doc_ids cannot be combined with a cache")
+        if doc_ids.shape != input_ids.shape:
+            raise ValueError(f"doc_ids must have input_ids' shape {(B, T)}, got {tuple(doc_ids.shape)}")
+        positions = positions_from_doc_ids(doc_ids)
+    elif cache is not None:
+        cache.check_room(B, T)
+        positions = torch.arange(cache.pos, cache.pos + T, device=input_ids.device)
+    else:
+        positions = torch.arange(T, device=input_ids.device)
+    return rope(positions)
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotates x (B, H, T, D) by the angles of cos/sin (B, T, D) or (T, D), in float32."""
     if cos.dim() == 3:
