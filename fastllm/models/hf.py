@@ -1,4 +1,4 @@
-"""Hugging Face interoperability: Llama and Apertus checkpoint directories (config.json + safetensors).
+"""Hugging Face interoperability: Llama, Apertus and Mamba checkpoint directories (config.json + safetensors).
 
 ``from_pretrained`` reads a directory that transformers wrote (single or sharded safetensors) into a
 fastllm model; ``save_pretrained`` writes one that transformers' LlamaForCausalLM/ApertusForCausalLM load.
@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from fastllm.models.apertus import ApertusConfig
 from fastllm.models.llama import LlamaConfig
+from fastllm.models.mamba import MambaConfig
 from fastllm.models.registry import build_model
 
 _HF_ARCH = {"llama": ("LlamaForCausalLM", "silu", LlamaConfig), "apertus": ("ApertusForCausalLM", "xielu",
@@ -140,8 +141,13 @@ def from_pretrained(path, *, dtype: torch.dtype = torch.float32, device="cpu", *
     config_file = path / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"{path} has no config.json")
-    config = config_from_hf(json.loads(config_file.read_text()), **overrides)
+    hf_config = json.loads(config_file.read_text())
     hf_state = _load_safetensors(path)
+    if hf_config.get("model_type") == "mamba":
+        # fastllm's Mamba LM keeps mamba_ssm's / transformers' parameter names.
+        config = MambaConfig.from_dict({**MambaConfig.from_hf_config(hf_config).to_dict(), **overrides})
+        return _build_loaded(config, hf_state, path, dtype, device)
+    config = config_from_hf(hf_config, **overrides)
 
     state = {}
     for hf_name, tensor in hf_state.items():
@@ -152,7 +158,12 @@ def from_pretrained(path, *, dtype: torch.dtype = torch.float32, device="cpu", *
         if hf_name == "lm_head.weight" and config.tie_embeddings:
             continue
         state[_rename(hf_name, config.arch, to_fastllm=True)] = tensor
+    return _build_loaded(config, state, path, dtype, device)
 
+
+def _build_loaded(config, state: dict[str, torch.Tensor], path: Path, dtype: torch.dtype, device):
+    if config.tie_embeddings:
+        state = {name: tensor for name, tensor in state.items() if name != "lm_head.weight"}
     # Built without memory on the meta device, then allocated once in the target dtype and device.
     with torch.device("meta"):
         model = build_model(config).to(dtype)
@@ -169,11 +180,17 @@ def save_pretrained(model, path, *, dtype: torch.dtype | None = None) -> None:
     ``dtype`` casts the saved weights (default: the model's own dtype).
     """
     config = model.config
-    if config.arch not in _HF_ARCH:
-        raise ValueError(f"save_pretrained supports {sorted(_HF_ARCH)} models, got arch {config.arch!r}")
+    if config.arch not in (*_HF_ARCH, "mamba"):
+        raise ValueError(f"save_pretrained supports {sorted((*_HF_ARCH, 'mamba'))} models, got arch {config.arch!r}")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    dtype = dtype or model.embed.weight.dtype
+    dtype = dtype or next(model.parameters()).dtype
+    if config.arch == "mamba":
+        state = {name: t.detach().to("cpu", dtype).contiguous() for name, t in model.state_dict().items()}
+        save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+        hf_config = {**config.to_hf_config(), "torch_dtype": str(dtype).removeprefix("torch.")}
+        (path / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        return
     state = {}
     for name, tensor in model.state_dict().items():
         state[_rename(name, config.arch, to_fastllm=False)] = tensor.detach().to("cpu", dtype).contiguous()

@@ -115,3 +115,24 @@ def test_sharded_checkpoint(tmp_path):
     ids = torch.randint(0, SMALL["vocab_size"], (1, 12))
     with torch.no_grad():
         torch.testing.assert_close(model(ids), hf_logits(reference, ids), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_mamba_matches_transformers_both_ways(tmp_path, tied):
+    config = transformers.MambaConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, state_size=8, expand=2,
+                                      conv_kernel=4, tie_word_embeddings=tied)
+    torch.manual_seed(0)
+    hf = transformers.MambaForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in hf.parameters():  # beyond the initialisation, so every misplaced weight shows
+            p.add_(torch.randn_like(p) * 0.05)
+    hf.save_pretrained(tmp_path / "hf")
+    ids = torch.randint(0, 97, (2, 23))
+    with torch.no_grad():
+        expected = hf(ids).logits
+        ours = from_pretrained(tmp_path / "hf")
+        torch.testing.assert_close(ours(ids), expected, rtol=1e-4, atol=1e-4)
+    save_pretrained(ours, tmp_path / "ours")
+    reloaded = transformers.MambaForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, expected, rtol=1e-4, atol=1e-4)
