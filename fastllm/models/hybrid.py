@@ -11,8 +11,6 @@ recurrence runs through document boundaries, as in Mamba's own pretraining.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -21,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastllm.models.registry import register_model
+from fastllm.models.registry import ModelConfig, register_model
 from fastllm.nn.attention import Attention
-from fastllm.nn.cache import KVCache
+from fastllm.nn.cache import KVCache, SequenceCache
 from fastllm.nn.mamba import MambaCache, MambaMixer
 from fastllm.nn.mlp import SwiGLU
 from fastllm.nn.norm import RMSNorm
@@ -34,7 +32,7 @@ _INT_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_d
 
 
 @dataclass
-class HybridConfig:
+class HybridConfig(ModelConfig):
     ARCH: ClassVar[str] = "hybrid"
 
     arch: str = "hybrid"
@@ -83,37 +81,16 @@ class HybridConfig:
         if self.d_state > 256:
             raise ValueError(f"d_state must be at most 256, got {self.d_state}")
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: dict):
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown hybrid config keys {unknown}; valid keys: {sorted(names)}")
-        return cls(**d)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
-
-class HybridCache:
+class HybridCache(SequenceCache):
     """The KV cache of the attention layers and the recurrent state of the Mamba layers, one position."""
 
     def __init__(self, kv: KVCache | None, ssm: MambaCache | None, max_seq_len: int, batch_size: int):
         self.kv, self.ssm, self.max_seq_len, self.batch_size = kv, ssm, max_seq_len, batch_size
         self.pos = 0
 
-    def check_room(self, batch_size: int, new_tokens: int) -> None:
-        if batch_size != self.batch_size:
-            raise ValueError(f"input batch size {batch_size} differs from the cache's {self.batch_size}")
-        if self.pos + new_tokens > self.max_seq_len:
-            raise ValueError(f"cache full: {self.pos} seen + {new_tokens} new tokens exceed "
-                             f"max_seq_len={self.max_seq_len}")
-
     def advance(self, new_tokens: int) -> None:
-        self.pos += new_tokens
+        super().advance(new_tokens)
         for part in (self.kv, self.ssm):
             if part is not None:
                 part.advance(new_tokens)

@@ -8,8 +8,6 @@ runs through document boundaries (``doc_ids`` is accepted and not used).
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -18,14 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastllm.models.registry import register_model
+from fastllm.models.registry import ModelConfig, register_model
 from fastllm.nn.mamba import MambaBlock, MambaCache
 
 _INT_FIELDS = ("vocab_size", "dim", "n_layers", "d_state", "d_conv", "expand", "dt_rank", "max_seq_len")
 
 
 @dataclass
-class MambaConfig:
+class MambaConfig(ModelConfig):
     ARCH: ClassVar[str] = "mamba"
 
     arch: str = "mamba"
@@ -61,20 +59,6 @@ class MambaConfig:
     @property
     def d_inner(self) -> int:
         return self.expand * self.dim
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict):
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown mamba config keys {unknown}; valid keys: {sorted(names)}")
-        return cls(**d)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
     def from_hf_config(cls, hf: dict) -> "MambaConfig":

@@ -2,7 +2,31 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from typing import ClassVar
+
 from torch import nn
+
+
+class ModelConfig:
+    """Base of the architectures' config dataclasses: dict and JSON round trips, unknown keys refused."""
+
+    ARCH: ClassVar[str] = ""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown {cls.ARCH} config keys {unknown}; valid keys: {sorted(names)}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
 
 _MODELS: dict[str, tuple[type, type]] = {}
 

@@ -6,8 +6,6 @@ non-gated xIELU MLP. Everything an architecture changes is a config field.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -16,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastllm.models.registry import ModelConfig
 from fastllm.nn import DecoderBlock, KVCache, RMSNorm, RotaryEmbedding, XIELU, get_attention, rotary_tables
 from fastllm.nn.block import MLPS
 from fastllm.nn.rope import check_rope_scaling
@@ -26,7 +25,7 @@ _BOOL_FIELDS = ("qk_norm", "tie_embeddings")
 
 
 @dataclass
-class TransformerConfig:
+class TransformerConfig(ModelConfig):
     """Shape and options of a decoder LM. None fields are derived in __post_init__ (n_kv_heads = n_heads,
     head_dim = dim / n_heads, hidden_dim: SwiGLU 8/3 dim rounded up to 256, xIELU 4 dim)."""
 
@@ -85,20 +84,6 @@ class TransformerConfig:
             raise ValueError(f"attention must be the name of a registered attention, got {self.attention!r}")
         get_attention(self.attention)  # raises, listing the registered names, for an unknown one
         check_rope_scaling(self.rope_scaling)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict):
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown {cls.ARCH} config keys {unknown}; valid keys: {sorted(names)}")
-        return cls(**d)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
 
 
 class TransformerLM(nn.Module):

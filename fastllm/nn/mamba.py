@@ -16,12 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastllm.nn.cache import SequenceCache
 from fastllm.ops.causal_conv1d import causal_conv1d, causal_conv1d_update
 from fastllm.ops.selective_scan import selective_scan
 from fastllm.ops.selective_state_update import selective_state_update
 
 
-class MambaCache:
+class MambaCache(SequenceCache):
     """Recurrent state of every Mamba layer: conv_state (n_layers, B, d_inner, d_conv), the last
     d_conv convolution inputs, and ssm_state (n_layers, B, d_inner, d_state) in float32."""
 
@@ -35,16 +36,6 @@ class MambaCache:
     @property
     def batch_size(self) -> int:
         return self.ssm_state.shape[1]
-
-    def check_room(self, batch_size: int, new_tokens: int) -> None:
-        if batch_size != self.batch_size:
-            raise ValueError(f"input batch size {batch_size} differs from the cache's {self.batch_size}")
-        if self.pos + new_tokens > self.max_seq_len:
-            raise ValueError(f"cache full: {self.pos} seen + {new_tokens} new tokens exceed "
-                             f"max_seq_len={self.max_seq_len}")
-
-    def advance(self, new_tokens: int) -> None:
-        self.pos += new_tokens
 
     def reset(self) -> None:
         self.conv_state.zero_()
