@@ -32,8 +32,9 @@ def sync(device: torch.device | str) -> None:
 
 
 class Timer:
-    def __init__(self, benchmark):
+    def __init__(self, benchmark, results_json: str | None):
         self.benchmark = benchmark
+        self.results_json = results_json
 
     def __call__(self, fn, *, group: str, name: str, device, bytes_moved: float | None = None,
                  flops: float | None = None, rounds: int = 10, warmup: int = 3) -> float:
@@ -56,12 +57,14 @@ class Timer:
             row["TFLOP_per_s"] = flops / median / 1e12
         self.benchmark.extra_info.update(row)
         _RESULTS[group][name] = row
+        if self.results_json:  # after every benchmark, so a run stopped at its time limit keeps its rows
+            _write_json(self.results_json)
         return median
 
 
 @pytest.fixture
-def timer(benchmark):
-    return Timer(benchmark)
+def timer(benchmark, pytestconfig):
+    return Timer(benchmark, pytestconfig.getoption("--results-json"))
 
 
 def _table() -> list[dict]:
@@ -88,5 +91,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         tr.write_line(f"{r['group']:<44} {r['impl']:<28} {r['median_ms']:>10.3f} {gbs:>8} {tfs:>8} {sp:>9}")
     path = config.getoption("--results-json")
     if path:
-        with open(path, "w") as f:
-            json.dump(rows, f, indent=1)
+        _write_json(path)
+
+
+def _write_json(path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(_table(), f, indent=1)

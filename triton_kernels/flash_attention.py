@@ -51,11 +51,12 @@ _FWD = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4
 _DKDV = _configs([(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4)])
 _DQ = _configs([(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)])
 # Sequences up to SHORT_T use one config (tuning would cost more than it saves); float32 (IEEE
-# products on CUDA cores, for tests) uses one small-tile config.
+# products on CUDA cores, for tests) uses one small-tile config: larger tiles spill registers at
+# head dim 128 and take ptxas tens of seconds.
 SHORT_T = 1024
 _SHORT = _configs([(64, 64, 4, 3)])
-_FP32_ROWS = _configs([(64, 32, 4, 2)])
-_FP32_COLS = _configs([(32, 64, 4, 2)])
+_FP32_ROWS = _configs([(32, 32, 4, 2)])
+_FP32_COLS = _configs([(16, 32, 4, 2)])
 # Tiles that do not fit shared memory (128-dim heads on sm_80) are dropped by the autotuner.
 _TUNE_KEY = ["T", "HEAD_DIM", "MODE"]
 
@@ -105,10 +106,66 @@ def _rows(IDX, offs, T, MODE: tl.constexpr):
 
 
 @triton.jit
-def _window_end(lo, hi):
-    """End of the union of the windows; 0 when all are empty (dropped queries or keys, whose empty
-    windows sit past the kept ones), so that their blocks skip the loop."""
-    return tl.where(tl.max(hi - lo, 0) > 0, tl.max(hi, 0), 0)
+def _col_windows(COL_LO, COL_HI, offs, T, MODE: tl.constexpr):
+    """[lo, hi) of the query rows that see each key column ``offs``."""
+    valid = offs < T
+    if MODE == 2:
+        lo = tl.load(COL_LO + offs, mask=valid, other=T)
+        hi = tl.load(COL_HI + offs, mask=valid, other=0)
+    elif MODE == 1:
+        lo = tl.where(valid, offs, T)
+        hi = tl.where(valid, T, 0)
+    else:
+        lo = tl.where(valid, 0, T)
+        hi = tl.where(valid, T, 0)
+    return lo, hi
+
+
+@triton.jit
+def _tile_ranges(lo, hi, valid, BLOCK: tl.constexpr):
+    """Splits the tiles that the windows [lo, hi) of one block reach into three runs,
+    [first, full_lo) partly seen, [full_lo, full_hi) seen whole by every valid index, [full_hi, end)
+    partly seen: only the partly seen tiles build an element mask, and the loop over whole tiles
+    carries no branch, so it software-pipelines. ``end`` is 0 when every window is empty (dropped
+    queries or keys, whose empty windows sit past the kept ones), so their blocks do no work.
+    Indices past T (``valid`` false) are never stored, so they do not narrow the whole run."""
+    first = (tl.min(lo, 0) // BLOCK) * BLOCK
+    end = tl.where(tl.max(hi - lo, 0) > 0, tl.max(hi, 0), 0)
+    lo_max = tl.max(tl.where(valid, lo, 0), 0)
+    hi_min = tl.min(tl.where(valid, hi, end), 0)
+    full_lo = tl.minimum(tl.maximum(tl.cdiv(lo_max, BLOCK) * BLOCK, first), end)
+    full_hi = tl.maximum(tl.minimum((hi_min // BLOCK) * BLOCK, end), full_lo)
+    return first, full_lo, full_hi, end
+
+
+@triton.jit
+def _fwd_tiles(acc, m_i, l_i, q, K, V, KIDX, lo, hi, tile_start, tile_end, scale_log2, stride_kt, stride_vt, T,
+               HEAD_DIM: tl.constexpr, MODE: tl.constexpr, IEEE: tl.constexpr, MASKED: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_n in tl.range(tile_start, tile_end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k_rows = _rows(KIDX, offs_n, T, MODE)
+        if MASKED:
+            kt = tl.load(K + k_rows[None, :] * stride_kt + offs_d[:, None], mask=offs_n[None, :] < T, other=0.0)
+            v = tl.load(V + k_rows[:, None] * stride_vt + offs_d[None, :], mask=offs_n[:, None] < T, other=0.0)
+            s = _dot(q, kt, IEEE)
+            visible = (offs_n[None, :] >= lo[:, None]) & (offs_n[None, :] < hi[:, None])
+            s = tl.where(visible, s, float("-inf"))
+        else:
+            kt = tl.load(K + k_rows[None, :] * stride_kt + offs_d[:, None])
+            v = tl.load(V + k_rows[:, None] * stride_vt + offs_d[None, :])
+            s = _dot(q, kt, IEEE)
+        m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
+        # A row that has seen no key yet keeps m = -inf; subtracting 0 keeps its p and alpha at 0.
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        # One rounding for scale and shift: the exponent's error sets the probabilities' error.
+        p = tl.math.exp2(tl.fma(s, scale_log2, -m_sub[:, None]))
+        alpha = tl.math.exp2(m_i - m_sub)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+        m_i = m_new
+    return acc, m_i, l_i
 
 
 @triton.jit
@@ -116,6 +173,7 @@ def _fwd_kernel(Q, K, V, O, STATS, LO, HI, QIDX, KIDX, scale_log2,
                 stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
                 H, H_KV, T, HEAD_DIM: tl.constexpr, MODE: tl.constexpr, IEEE: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    scale_log2 = tl.cast(scale_log2, tl.float32)  # torch.compile passes Python floats as float64
     # Heaviest (last, under a causal mask) query blocks first: a shorter tail.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
@@ -137,36 +195,27 @@ def _fwd_kernel(Q, K, V, O, STATS, LO, HI, QIDX, KIDX, scale_log2,
     offs_d = tl.arange(0, HEAD_DIM)
     row_valid = offs_m < T
     lo, hi = _windows(LO, HI, offs_m, T, MODE)
-    lo_max = tl.max(lo, 0)
-    hi_min = tl.min(hi, 0)
     q_rows = _rows(QIDX, offs_m, T, MODE)
     q = tl.load(Q + q_rows[:, None] * stride_qt + offs_d[None, :], mask=row_valid[:, None], other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    for start_n in tl.range((tl.min(lo, 0) // BLOCK_N) * BLOCK_N, _window_end(lo, hi), BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_rows = _rows(KIDX, offs_n, T, MODE)
-        kt = tl.load(K + k_rows[None, :] * stride_kt + offs_d[:, None], mask=offs_n[None, :] < T, other=0.0)
-        s = _dot(q, kt, IEEE)
-        if (start_n < lo_max) | (start_n + BLOCK_N > hi_min):  # some row sees only part of this tile
-            visible = (offs_n[None, :] >= lo[:, None]) & (offs_n[None, :] < hi[:, None])
-            s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
-        # A row that has seen no key yet keeps m = -inf; subtracting 0 keeps its p and alpha at 0.
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        # One rounding for scale and shift: the exponent's error sets the probabilities' error.
-        p = tl.math.exp2(tl.fma(s, scale_log2, -m_sub[:, None]))
-        alpha = tl.math.exp2(m_i - m_sub)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + k_rows[:, None] * stride_vt + offs_d[None, :], mask=offs_n[:, None] < T, other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
-        m_i = m_new
+    first, full_lo, full_hi, end = _tile_ranges(lo, hi, row_valid, BLOCK_N)
+    args = (q, K, V, KIDX, lo, hi)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, *args, first, full_lo, scale_log2, stride_kt, stride_vt, T,
+                               HEAD_DIM, MODE, IEEE, True, BLOCK_N)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, *args, full_lo, full_hi, scale_log2, stride_kt, stride_vt, T,
+                               HEAD_DIM, MODE, IEEE, False, BLOCK_N)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, *args, full_hi, end, scale_log2, stride_kt, stride_vt, T,
+                               HEAD_DIM, MODE, IEEE, True, BLOCK_N)
 
     seen = l_i > 0.0
     l_safe = tl.where(seen, l_i, 1.0)
-    out = acc / l_safe[:, None]
+    if IEEE:  # the test path: a correctly rounded division (plain "/" is approximate on GPUs)
+        out = tl.math.div_rn(acc, l_safe[:, None])
+    else:
+        out = acc / l_safe[:, None]
     # p = 2^(s * scale_log2 - m - log2(l)); the backward recomputes the first subtraction with
     # the very m used here, so its rounding cancels against l.
     m_i = tl.where(seen, m_i, float("inf"))
@@ -195,11 +244,47 @@ def _bwd_preprocess_kernel(O, DO, DELTA, QIDX, stride_dob, stride_doh, stride_do
 
 
 @triton.jit
+def _dkdv_tiles(dk, dv, k, v, q_head, do_head, STATS, DELTA, LO, HI, QIDX, row_base, n_rows, start_n, offs_n,
+                tile_start, tile_end, scale_log2, stride_qt, stride_dot, T, HEAD_DIM: tl.constexpr,
+                MODE: tl.constexpr, IEEE: tl.constexpr, MASKED: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_m in tl.range(tile_start, tile_end, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q_rows = _rows(QIDX + row_base, offs_m, T, MODE)
+        if MASKED:
+            row_valid = offs_m < T
+            qt = tl.load(q_head + q_rows[None, :] * stride_qt + offs_d[:, None], mask=row_valid[None, :], other=0.0)
+            do = tl.load(do_head + q_rows[:, None] * stride_dot + offs_d[None, :], mask=row_valid[:, None],
+                         other=0.0)
+            m = tl.load(STATS + row_base + offs_m, mask=row_valid, other=float("inf"))
+            log2_l = tl.load(STATS + n_rows + row_base + offs_m, mask=row_valid, other=0.0)
+            delta = tl.load(DELTA + row_base + offs_m, mask=row_valid, other=0.0)
+        else:
+            qt = tl.load(q_head + q_rows[None, :] * stride_qt + offs_d[:, None])
+            do = tl.load(do_head + q_rows[:, None] * stride_dot + offs_d[None, :])
+            m = tl.load(STATS + row_base + offs_m)
+            log2_l = tl.load(STATS + n_rows + row_base + offs_m)
+            delta = tl.load(DELTA + row_base + offs_m)
+        pt = tl.math.exp2(tl.fma(_dot(k, qt, IEEE), scale_log2, -m[None, :]) - log2_l[None, :])
+        if MASKED:
+            lo, hi = _windows(LO + row_base, HI + row_base, offs_m, T, MODE)
+            visible = (offs_n[:, None] >= lo[None, :]) & (offs_n[:, None] < hi[None, :])
+            pt = tl.where(visible, pt, 0.0)
+        dv += _dot(pt.to(do.dtype), do, IEEE)
+        dst = pt * (_dot(v, tl.trans(do), IEEE) - delta[None, :])
+        dk += _dot(dst.to(qt.dtype), tl.trans(qt), IEEE)
+    return dk, dv
+
+
+@triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV, LO, HI, COL_LO, COL_HI, QIDX, KIDX, scale_log2, scale,
                      stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                      stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
                      H, H_KV, T, HEAD_DIM: tl.constexpr, MODE: tl.constexpr, IEEE: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    scale_log2 = tl.cast(scale_log2, tl.float32)  # torch.compile passes Python floats as float64
+    scale = tl.cast(scale, tl.float32)
     # One program per key block of one key/value head; it sums over the query heads of its group.
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
@@ -227,37 +312,43 @@ def _bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV, LO, HI, COL_LO, COL_HI, 
         q_head = Q + b * stride_qb + h * stride_qh
         do_head = DO + b * stride_dob + h * stride_doh
         # The query rows that can see this key block.
-        if MODE == 2:
-            q_lo, q_hi = _windows(COL_LO + row_base, COL_HI + row_base, offs_n, T, MODE)
-            first_m = tl.min(q_lo, 0)
-            end_m = _window_end(q_lo, q_hi)
-        elif MODE == 1:
-            first_m = start_n
-            end_m = T
-        else:
-            first_m = 0
-            end_m = T
-        for start_m in tl.range((first_m // BLOCK_M) * BLOCK_M, end_m, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            row_valid = offs_m < T
-            lo, hi = _windows(LO + row_base, HI + row_base, offs_m, T, MODE)
-            q_rows = _rows(QIDX + row_base, offs_m, T, MODE)
-            qt = tl.load(q_head + q_rows[None, :] * stride_qt + offs_d[:, None], mask=row_valid[None, :], other=0.0)
-            m = tl.load(STATS + row_base + offs_m, mask=row_valid, other=float("inf"))
-            log2_l = tl.load(STATS + n_rows + row_base + offs_m, mask=row_valid, other=0.0)
-            pt = tl.math.exp2(tl.fma(_dot(k, qt, IEEE), scale_log2, -m[None, :]) - log2_l[None, :])
-            if (start_n < tl.max(lo, 0)) | (start_n + BLOCK_N > tl.min(hi, 0)):
-                visible = (offs_n[:, None] >= lo[None, :]) & (offs_n[:, None] < hi[None, :])
-                pt = tl.where(visible, pt, 0.0)
-            do = tl.load(do_head + q_rows[:, None] * stride_dot + offs_d[None, :], mask=row_valid[:, None], other=0.0)
-            dv += _dot(pt.to(do.dtype), do, IEEE)
-            delta = tl.load(DELTA + row_base + offs_m, mask=row_valid, other=0.0)
-            dst = pt * (_dot(v, tl.trans(do), IEEE) - delta[None, :])
-            dk += _dot(dst.to(qt.dtype), tl.trans(qt), IEEE)
+        q_lo, q_hi = _col_windows(COL_LO + row_base, COL_HI + row_base, offs_n, T, MODE)
+        first, full_lo, full_hi, end = _tile_ranges(q_lo, q_hi, col_valid, BLOCK_M)
+        args = (k, v, q_head, do_head, STATS, DELTA, LO, HI, QIDX, row_base, n_rows, start_n, offs_n)
+        dk, dv = _dkdv_tiles(dk, dv, *args, first, full_lo, scale_log2, stride_qt, stride_dot, T, HEAD_DIM, MODE,
+                             IEEE, True, BLOCK_M, BLOCK_N)
+        dk, dv = _dkdv_tiles(dk, dv, *args, full_lo, full_hi, scale_log2, stride_qt, stride_dot, T, HEAD_DIM, MODE,
+                             IEEE, False, BLOCK_M, BLOCK_N)
+        dk, dv = _dkdv_tiles(dk, dv, *args, full_hi, end, scale_log2, stride_qt, stride_dot, T, HEAD_DIM, MODE,
+                             IEEE, True, BLOCK_M, BLOCK_N)
 
     out_mask = col_valid[:, None]
     tl.store(DK + k_rows[:, None] * HEAD_DIM + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=out_mask)
     tl.store(DV + k_rows[:, None] * HEAD_DIM + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _dq_tiles(dq, q, do, m, log2_l, delta, K, V, KIDX, lo, hi, tile_start, tile_end, scale_log2, stride_kt,
+              stride_vt, T, HEAD_DIM: tl.constexpr, MODE: tl.constexpr, IEEE: tl.constexpr, MASKED: tl.constexpr,
+              BLOCK_N: tl.constexpr):
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_n in tl.range(tile_start, tile_end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k_rows = _rows(KIDX, offs_n, T, MODE)
+        if MASKED:
+            key_valid = offs_n[None, :] < T
+            kt = tl.load(K + k_rows[None, :] * stride_kt + offs_d[:, None], mask=key_valid, other=0.0)
+            vt = tl.load(V + k_rows[None, :] * stride_vt + offs_d[:, None], mask=key_valid, other=0.0)
+        else:
+            kt = tl.load(K + k_rows[None, :] * stride_kt + offs_d[:, None])
+            vt = tl.load(V + k_rows[None, :] * stride_vt + offs_d[:, None])
+        p = tl.math.exp2(tl.fma(_dot(q, kt, IEEE), scale_log2, -m[:, None]) - log2_l[:, None])
+        if MASKED:
+            visible = (offs_n[None, :] >= lo[:, None]) & (offs_n[None, :] < hi[:, None])
+            p = tl.where(visible, p, 0.0)
+        ds = p * (_dot(do, vt, IEEE) - delta[:, None])
+        dq += _dot(ds.to(kt.dtype), tl.trans(kt), IEEE)
+    return dq
 
 
 @triton.jit
@@ -266,6 +357,8 @@ def _bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ, LO, HI, QIDX, KIDX, scale_log2
                    stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
                    H, H_KV, T, HEAD_DIM: tl.constexpr, MODE: tl.constexpr, IEEE: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    scale_log2 = tl.cast(scale_log2, tl.float32)  # torch.compile passes Python floats as float64
+    scale = tl.cast(scale, tl.float32)
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -287,8 +380,6 @@ def _bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ, LO, HI, QIDX, KIDX, scale_log2
     offs_d = tl.arange(0, HEAD_DIM)
     row_valid = offs_m < T
     lo, hi = _windows(LO, HI, offs_m, T, MODE)
-    lo_max = tl.max(lo, 0)
-    hi_min = tl.min(hi, 0)
     q_rows = _rows(QIDX + row_base, offs_m, T, MODE)
     KIDX += (b * H_KV + hk) * T
     q = tl.load(Q + q_rows[:, None] * stride_qt + offs_d[None, :], mask=row_valid[:, None], other=0.0)
@@ -298,18 +389,14 @@ def _bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ, LO, HI, QIDX, KIDX, scale_log2
     delta = tl.load(DELTA + offs_m, mask=row_valid, other=0.0)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    for start_n in tl.range((tl.min(lo, 0) // BLOCK_N) * BLOCK_N, _window_end(lo, hi), BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        key_valid = offs_n[None, :] < T
-        k_rows = _rows(KIDX, offs_n, T, MODE)
-        kt = tl.load(K + k_rows[None, :] * stride_kt + offs_d[:, None], mask=key_valid, other=0.0)
-        vt = tl.load(V + k_rows[None, :] * stride_vt + offs_d[:, None], mask=key_valid, other=0.0)
-        p = tl.math.exp2(tl.fma(_dot(q, kt, IEEE), scale_log2, -m[:, None]) - log2_l[:, None])
-        if (start_n < lo_max) | (start_n + BLOCK_N > hi_min):
-            visible = (offs_n[None, :] >= lo[:, None]) & (offs_n[None, :] < hi[:, None])
-            p = tl.where(visible, p, 0.0)
-        ds = p * (_dot(do, vt, IEEE) - delta[:, None])
-        dq += _dot(ds.to(kt.dtype), tl.trans(kt), IEEE)
+    first, full_lo, full_hi, end = _tile_ranges(lo, hi, row_valid, BLOCK_N)
+    args = (q, do, m, log2_l, delta, K, V, KIDX, lo, hi)
+    dq = _dq_tiles(dq, *args, first, full_lo, scale_log2, stride_kt, stride_vt, T, HEAD_DIM, MODE, IEEE, True,
+                   BLOCK_N)
+    dq = _dq_tiles(dq, *args, full_lo, full_hi, scale_log2, stride_kt, stride_vt, T, HEAD_DIM, MODE, IEEE, False,
+                   BLOCK_N)
+    dq = _dq_tiles(dq, *args, full_hi, end, scale_log2, stride_kt, stride_vt, T, HEAD_DIM, MODE, IEEE, True,
+                   BLOCK_N)
 
     tl.store(DQ + q_rows[:, None] * HEAD_DIM + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=row_valid[:, None])

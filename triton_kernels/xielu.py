@@ -1,7 +1,7 @@
 """Fused xIELU forward and backward (arXiv 2411.13010) in Triton.
 
 Elementwise and memory bound: the forward reads x and writes y; the backward reads (grad, x) and
-writes dx plus one float32 partial sum per program for each parameter gradient (summed by the
+writes dx plus one float64 partial sum per program for each parameter gradient (summed by the
 caller, so the result is deterministic). The raw parameters a_p, a_n are read from device memory
 and passed through softplus in the kernel, so no host synchronisation is needed. Math in float32.
 """
@@ -67,9 +67,13 @@ def _xielu_backward_kernel(grad_ptr, x_ptr, dx_ptr, d_alpha_p_partial_ptr, d_alp
     dx_negative = alpha_n * (tl.where(x <= eps, tl.exp(x_clamped), 0.0) - 1.0) + beta
     dx = g * tl.where(positive, dx_positive, dx_negative)
     tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-    # Masked lanes have g = 0 and contribute nothing.
-    d_alpha_p = tl.where(positive, g * x * x, 0.0)
-    d_alpha_n = tl.where(positive, 0.0, g * (_expm1_nonpositive(x_clamped) - x))
+    # Masked lanes have g = 0 and contribute nothing. The parameter gradients are sums over the
+    # whole tensor: products and sums in float64 keep them accurate (this kernel is memory bound,
+    # so the float64 arithmetic costs no time).
+    g64 = g.to(tl.float64)
+    x64 = x.to(tl.float64)
+    d_alpha_p = tl.where(positive, g64 * x64 * x64, 0.0)
+    d_alpha_n = tl.where(positive, 0.0, g64 * (_expm1_nonpositive(x_clamped) - x).to(tl.float64))
     tl.store(d_alpha_p_partial_ptr + pid, tl.sum(d_alpha_p, axis=0))
     tl.store(d_alpha_n_partial_ptr + pid, tl.sum(d_alpha_n, axis=0))
 
@@ -91,12 +95,11 @@ def xielu_backward(grad: torch.Tensor, x: torch.Tensor, alpha_p: torch.Tensor, a
     dx = torch.empty_like(x) if dx is None else dx
     n = x.numel()
     programs = triton.cdiv(n, BLOCK)
-    partials = torch.empty((2, programs), device=x.device, dtype=torch.float32)
+    partials = torch.empty((2, programs), device=x.device, dtype=torch.float64)
     if n:
         _xielu_backward_kernel[(programs,)](grad, x, dx, partials[0], partials[1], alpha_p, alpha_n, n,
                                             float(beta), float(eps), BLOCK=BLOCK)
-    # Two scalars: finishing them in float64 costs nothing and saves two roundings.
-    sums = partials.sum(dim=1, dtype=torch.float64)
+    sums = partials.sum(dim=1)
     d_alpha_p = (sums[0] * torch.sigmoid(alpha_p.double())).to(alpha_p.dtype).reshape(alpha_p.shape)
     d_alpha_n = (sums[1] * torch.sigmoid(alpha_n.double())).to(alpha_n.dtype).reshape(alpha_n.shape)
     return dx, d_alpha_p, d_alpha_n

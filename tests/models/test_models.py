@@ -193,8 +193,9 @@ def test_register_model():
 @requires_cuda
 @pytest.mark.parametrize("arch,attention", [("llama", "sdpa"), ("apertus", "sdpa"), ("apertus", "flex")])
 def test_cuda_bf16_autocast_compiled_training_step(arch, attention):
-    cpu_model = tiny(arch)
-    model = tiny(arch, attention=attention).cuda().train()
+    # Head dim 16: compiled FlexAttention needs at least 16.
+    cpu_model = tiny(arch, dim=64)
+    model = tiny(arch, dim=64, attention=attention).cuda().train()
     ids = torch.randint(0, 97, (4, 64))
     doc_ids = torch.cumsum(torch.rand(4, 64) < 0.05, dim=1)
     compiled = torch.compile(model, fullgraph=True)
