@@ -4,7 +4,7 @@
 # script under a budget (BUDGET seconds, default 480), so a slow or hung part costs its own results
 # only; benchmark tables are written as each benchmark finishes.
 #
-#   bash benchmarks/gpu_check.sh                           # all parts
+#   bash benchmarks/gpu_check.sh                           # all parts but profile
 #   PARTS="build tests ops" bash benchmarks/gpu_check.sh    # a subset (build is needed once per machine)
 #   LOGS=dir                        # logs and JSON tables (default /tmp/fastllm-gpu-check)
 #   TESTS="tests/ops/test_x.py"     # what the tests part runs (default: the GPU-relevant suites)
@@ -12,7 +12,8 @@
 #
 # Parts: build, tests (ops, layers and models whole, gpu-marked tests elsewhere), ops (AdEMAMix,
 # xIELU, selective scan, depth-weighted average), attention (dense and sparse flash attention),
-# train (124M training step, Mamba vs Transformer generation), smoke (the main job on the GPU).
+# train (124M training step, Mamba vs Transformer generation), smoke (the main job on the GPU),
+# profile (benchmarks/profile_gpu.py: top CUDA kernels of the training step and the sparse attentions).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -73,6 +74,11 @@ has ops && bench ops 200 benchmarks -k "$BENCH_K" --ignore=benchmarks/bench_flas
   --ignore=benchmarks/bench_train.py --ignore=benchmarks/bench_mamba_generation.py
 has attention && bench attention 240 benchmarks/bench_flash_attention.py
 has train && bench train 240 benchmarks/bench_train.py benchmarks/bench_mamba_generation.py -k cuda
+
+if has profile; then  # the top CUDA kernels of the workloads that miss their targets
+  run_limited "$(limit 150)" "$PY" benchmarks/profile_gpu.py > "$LOGS/profile.log" 2>&1 || status=1
+  grep -v "Warning\|warn" "$LOGS/profile.log" | tail -70
+fi
 
 if has smoke; then  # the main job on the GPU: bf16 autocast, MFU in the log
   run_limited "$(limit 120)" "$PY" -m fastllm.cli train --out=/tmp/fastllm-smoke --steps=50 --warmup_steps=5 \

@@ -1,0 +1,76 @@
+"""Where the GPU time goes: the top CUDA kernels of the workloads whose targets are not met yet.
+
+    python benchmarks/profile_gpu.py [train] [attention]
+
+train: one 124M training step, fastllm against the plain-PyTorch baseline (bench_train.py's models
+and step). attention: QK-sparse (50% dropped) and hash-sparse (8 buckets) forward + backward at
+T = 16k, with their compaction, sorting and window set-up. Each prints the kernels that take the most
+CUDA time over a few profiled repetitions, after warm-up.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def top_kernels(title: str, fn, repeats: int = 3, rows: int = 14) -> None:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    total = sum(e.device_time_total for e in events)
+    print(f"\n== {title}: {total / repeats / 1e3:.3f} ms of CUDA kernels per repetition")
+    for e in sorted(events, key=lambda e: -e.device_time_total)[:rows]:
+        share = e.device_time_total / total
+        print(f"{e.device_time_total / repeats / 1e3:9.3f} ms {share:6.1%} x{e.count // repeats:<4} {e.key[:90]}")
+
+
+def profile_train() -> None:
+    from bench_train import SIZES, _baseline_model, _fastllm_model, _train_step
+
+    from fastllm.optim.schedules import build_optimizer
+
+    size = SIZES["llama-124m"]
+    tokens = torch.randint(0, size["vocab_size"], (size["batch"], size["seq_len"] + 1), device="cuda")
+    input_ids, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    for name in ("fastllm", "baseline"):
+        torch.manual_seed(0)
+        if name == "fastllm":
+            model = _fastllm_model(size).cuda()
+            optimizer = build_optimizer("ademamix", model, lr=1e-4, weight_decay=0.1, t_alpha=1000, t_beta3=1000)
+        else:
+            model = _baseline_model(size).cuda()
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
+        model.compile()
+        top_kernels(f"train step 124M, {name}", lambda: _train_step(model, optimizer, input_ids, labels, True))
+        del model, optimizer
+
+
+def profile_attention() -> None:
+    from fastllm.ops import hash_sparse_attention, qk_sparse_attention
+
+    B, H, T, D = 4, 16, 16384, 64
+    q, k, v = [torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
+    dout = torch.randn_like(q)
+    keep_q, keep_k = torch.rand(B, H, T, device="cuda") >= 0.5, torch.rand(B, H, T, device="cuda") >= 0.5
+    buckets = torch.randint(0, 8, (B, H, T), device="cuda")
+    cases = {"qk-sparse 50% T=16k": lambda: qk_sparse_attention(q, k, v, keep_q, keep_k),
+             "hash-sparse 8 buckets T=16k": lambda: hash_sparse_attention(q, k, v, buckets, buckets)}
+    for title, attend in cases.items():
+        top_kernels(title, lambda: torch.autograd.grad(attend(), (q, k, v), dout))
+
+
+if __name__ == "__main__":
+    parts = sys.argv[1:] or ["train", "attention"]
+    for part in parts:
+        {"train": profile_train, "attention": profile_attention}[part]()
