@@ -3,7 +3,8 @@
 GPU (issue 3, section 8): the 124M Llama (12 layers, width 768, 12 heads, SwiGLU 2048, vocab 50304,
 tied embeddings), batch 16 x 1024 tokens, bf16 autocast, torch.compile. The baseline is the same
 model written in plain PyTorch (SDPA, torch RMSNorm, SwiGLU) with torch's fused AdamW; fastllm is
-``fastllm.models`` with the trainer's default optimizer (AdEMAMix when this build has it, else AdamW).
+``fastllm.models`` with the trainer's default optimizer (AdEMAMix when this build has it, else AdamW)
+and the trainer's loss (the model returns it from the labels, by the fused linear cross-entropy).
 Reported per implementation: median step time, TFLOP/s (training FLOPs = model.flops_per_token x
 tokens), tokens/s and MFU (of the device's dense bf16 peak) in the benchmark's extra_info and printed.
 Target: fastllm >= 1.15x the baseline's tokens/s.
@@ -90,11 +91,17 @@ def _baseline_model(size: dict) -> nn.Module:
     return BaselineLlama(**{k: size[k] for k in ("dim", "n_layers", "n_heads", "hidden_dim", "vocab_size", "seq_len")})
 
 
-def _train_step(model, optimizer, input_ids, labels, use_bf16: bool):
-    """What the trainer does per optimizer step (one micro batch): forward, loss, backward, clip, step."""
+def _train_step(model, optimizer, input_ids, labels, use_bf16: bool, fused_loss: bool):
+    """What the trainer does per optimizer step (one micro batch): forward, loss, backward, clip, step.
+    ``fused_loss``: fastllm's models take the labels and return the summed loss (fused linear
+    cross-entropy); the baseline computes logits, then the loss on their float32 copy."""
     with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-        logits = model(input_ids)
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+        if fused_loss:
+            loss = model(input_ids, labels=labels) / labels.numel()
+        else:
+            logits = model(input_ids)
+    if not fused_loss:
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
@@ -131,7 +138,8 @@ def test_train_step(timer, impl, size_name, device):
     tokens = torch.randint(0, size["vocab_size"], (batch, seq_len + 1), device=device)
     input_ids, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
     group = f"train step {size_name} b{batch}x{seq_len}" + (" bf16 compiled" if gpu else " fp32 eager")
-    median = timer(lambda: _train_step(model, optimizer, input_ids, labels, gpu), group=group, name=impl,
+    fused_loss = impl.startswith("fastllm")
+    median = timer(lambda: _train_step(model, optimizer, input_ids, labels, gpu, fused_loss), group=group, name=impl,
                    device=device, flops=flops_per_token * batch * seq_len, rounds=10 if gpu else 3,
                    warmup=5 if gpu else 1)
     tokens_per_s = batch * seq_len / median

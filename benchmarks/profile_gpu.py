@@ -52,7 +52,8 @@ def profile_train() -> None:
             model = _baseline_model(size).cuda()
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
         model.compile()
-        top_kernels(f"train step 124M, {name}", lambda: _train_step(model, optimizer, input_ids, labels, True))
+        top_kernels(f"train step 124M, {name}",
+                    lambda: _train_step(model, optimizer, input_ids, labels, True, fused_loss=name == "fastllm"))
         del model, optimizer
 
 

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from fastllm.models.registry import register_model
 from fastllm.models.transformer import TransformerConfig, TransformerLM
 from fastllm.nn import rotary_tables
+from fastllm.nn.lm_head import logits_or_loss
 from fastllm.nn.depth_weighted_average import DepthWeightedAverages
 
 
@@ -40,7 +40,8 @@ class DenseFormerLM(TransformerLM):
         super().__init__(config)
         self.dwa = DepthWeightedAverages(config.n_layers, config.dwa_dilation, config.dwa_period)
 
-    def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None, cache=None,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
         cos, sin = rotary_tables(self.rope, input_ids, doc_ids, cache)
         x = self.embed(input_ids)
         dwa = self.dwa.start(x)
@@ -49,7 +50,7 @@ class DenseFormerLM(TransformerLM):
         if cache is not None:
             cache.advance(input_ids.shape[1])
         x = self.norm(x)
-        return F.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
+        return logits_or_loss(x, self.embed.weight if self.lm_head is None else self.lm_head.weight, labels)
 
     def flops_per_token(self, seq_len: int) -> float:
         """The transformer's training FLOPs plus 6 per state and channel for each DWA (forward and backward)."""

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fastllm.models.registry import ModelConfig, register_model
+from fastllm.nn.lm_head import logits_or_loss
 from fastllm.nn.attention import Attention
 from fastllm.nn.cache import KVCache, SequenceCache
 from fastllm.nn.mamba import MambaCache, MambaMixer
@@ -157,8 +157,10 @@ class HybridLM(nn.Module):
                 module.conv1d.reset_parameters()
 
     def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None,
-                cache: HybridCache | None = None) -> torch.Tensor:
-        """Logits (B, T, vocab) for input_ids (B, T); ``cache`` continues from the tokens it has seen."""
+                cache: HybridCache | None = None,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab) for input_ids (B, T); ``cache`` continues from the tokens it has seen. With
+        ``labels`` (B, T), the summed cross-entropy of the tokens not labelled -100 instead."""
         cos, sin = rotary_tables(self.rope, input_ids, doc_ids, cache)
         T = input_ids.shape[1]
         x = self.embed(input_ids)
@@ -167,7 +169,7 @@ class HybridLM(nn.Module):
         if cache is not None:
             cache.advance(T)
         x = self.norm(x)
-        return F.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
+        return logits_or_loss(x, self.embed.weight if self.lm_head is None else self.lm_head.weight, labels)
 
     def init_cache(self, batch_size: int, max_seq_len: int, device=None, dtype=None) -> HybridCache:
         weight = self.embed.weight

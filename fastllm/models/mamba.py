@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fastllm.models.registry import ModelConfig, register_model
+from fastllm.nn.lm_head import logits_or_loss
 from fastllm.nn.mamba import MambaBlock, MambaCache
 
 _INT_FIELDS = ("vocab_size", "dim", "n_layers", "d_state", "d_conv", "expand", "dt_rank", "max_seq_len")
@@ -118,8 +118,10 @@ class MambaLM(nn.Module):
             layer.mixer.reset_ssm_parameters()
 
     def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None,
-                cache: MambaCache | None = None) -> torch.Tensor:
-        """Logits (B, T, vocab) for input_ids (B, T); ``cache`` continues from the tokens it has seen."""
+                cache: MambaCache | None = None,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab) for input_ids (B, T); ``cache`` continues from the tokens it has seen. With
+        ``labels`` (B, T), the summed cross-entropy of the tokens not labelled -100 instead."""
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"input_ids must be a (batch, seq) integer tensor, got {input_ids.dtype} "
                              f"of shape {tuple(input_ids.shape)}")
@@ -133,7 +135,7 @@ class MambaLM(nn.Module):
         if cache is not None:
             cache.advance(input_ids.shape[1])
         x = self.backbone.norm_f(x)
-        return F.linear(x, self.backbone.embeddings.weight) if self.lm_head is None else self.lm_head(x)
+        return logits_or_loss(x, self.backbone.embeddings.weight if self.lm_head is None else self.lm_head.weight, labels)
 
     def init_cache(self, batch_size: int, max_seq_len: int, device=None, dtype=None) -> MambaCache:
         """Zero recurrent state for ``batch_size`` sequences (its size does not grow with max_seq_len)."""

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fastllm.models.registry import ModelConfig
 from fastllm.nn import DecoderBlock, KVCache, RMSNorm, RotaryEmbedding, XIELU, get_attention, rotary_tables
+from fastllm.nn.lm_head import logits_or_loss
 from fastllm.nn.block import MLPS
 from fastllm.nn.rope import check_rope_scaling
 
@@ -115,9 +115,12 @@ class TransformerLM(nn.Module):
                 module.reset_parameters()
 
     def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab) for input_ids (B, T). ``doc_ids`` (B, T) keeps attention inside documents and
-        restarts positions at each; ``cache`` continues from the tokens it holds and then holds these too."""
+        restarts positions at each; ``cache`` continues from the tokens it holds and then holds these too.
+        With ``labels`` (B, T) it returns the summed cross-entropy of the tokens not labelled -100
+        instead, without materialising the logits (``fastllm.nn.lm_head.logits_or_loss``)."""
         cos, sin = rotary_tables(self.rope, input_ids, doc_ids, cache)
         T = input_ids.shape[1]
         x = self.embed(input_ids)
@@ -126,7 +129,7 @@ class TransformerLM(nn.Module):
         if cache is not None:
             cache.advance(T)
         x = self.norm(x)
-        return F.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
+        return logits_or_loss(x, self.embed.weight if self.lm_head is None else self.lm_head.weight, labels)
 
     def init_cache(self, batch_size: int, max_seq_len: int, device=None, dtype=None) -> KVCache:
         """An empty KV cache for ``batch_size`` sequences of up to ``max_seq_len`` tokens (default: the

@@ -18,6 +18,8 @@ from fastllm.ops.causal_conv1d import causal_conv1d, causal_conv1d_update
 from fastllm.ops.depth_weighted_average import depth_weighted_average, depth_weighted_average_backward
 from fastllm.ops.flash_attention import (attention_implementation, flash_attention, hash_sparse_attention,
                                          qk_sparse_attention)
+from fastllm.ops.linear_cross_entropy import implementation as _linear_cross_entropy_implementation
+from fastllm.ops.linear_cross_entropy import linear_cross_entropy
 from fastllm.ops.selective_scan import selective_scan
 from fastllm.ops.selective_state_update import selective_state_update
 from fastllm.ops.xielu import has_cpp_kernels as _xielu_has_cpp
@@ -55,10 +57,12 @@ def available() -> dict:
             "depth_weighted_average": pick(cpp, "cuda" if _compiled("depth_weighted_average_forward_cuda") else "reference"),
             **dict.fromkeys(("flash_attention", "qk_sparse_attention", "hash_sparse_attention"),
                             {"cpu": attention_implementation("cpu"), "cuda": attention_implementation("cuda")}),
+            "linear_cross_entropy": {"cpu": _linear_cross_entropy_implementation("cpu"),
+                                     "cuda": _linear_cross_entropy_implementation("cuda")},
         },
     }
 
 
 __all__ = ["ademamix_step_", "available", "build_info", "causal_conv1d", "causal_conv1d_update", "current_backend",
            "depth_weighted_average", "depth_weighted_average_backward", "flash_attention", "hash_sparse_attention",
-           "qk_sparse_attention", "selective_scan", "selective_state_update", "use_backend", "xielu"]
+           "linear_cross_entropy", "qk_sparse_attention", "selective_scan", "selective_state_update", "use_backend", "xielu"]

@@ -31,7 +31,6 @@ from functools import partial
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
@@ -144,10 +143,8 @@ def _train(cfg: TrainConfig, env: distributed.Env) -> dict:
         for i, batch in enumerate(batches):
             batch = {k: v.to(env.device, non_blocking=True) for k, v in batch.items()}
             with sync_context(model, last=i == accum - 1):
-                with autocast():
-                    logits = model(batch["input_ids"], doc_ids=batch["doc_ids"])
-                    loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(),
-                                           ignore_index=IGNORE_INDEX, reduction="sum")
+                with autocast():  # the summed loss, by the fused linear cross-entropy
+                    loss = model(batch["input_ids"], doc_ids=batch["doc_ids"], labels=batch["labels"])
                 # DDP and FSDP average gradients over processes: scale by the world size to sum them.
                 (loss * (env.world / max(n_targets, 1))).backward()
             loss_sum += loss.detach()
@@ -288,9 +285,7 @@ def evaluate(model, data_dir: Path, cfg: TrainConfig, env: distributed.Env, micr
     for _ in range(cfg.run.eval_batches * accum):
         batch = {k: v.to(env.device) for k, v in next(loader).items()}
         with autocast():
-            logits = model(batch["input_ids"], doc_ids=batch["doc_ids"])
-        totals[0] += F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(),
-                                     ignore_index=IGNORE_INDEX, reduction="sum").double()
+            totals[0] += model(batch["input_ids"], doc_ids=batch["doc_ids"], labels=batch["labels"]).double()
         totals[1] += (batch["labels"] != IGNORE_INDEX).sum()
     model.train()
     env.sum(totals)

@@ -229,3 +229,29 @@ def test_bfloat16_model_keeps_float32_rotary_angles():
         torch.testing.assert_close(value, reference, rtol=0, atol=0)
     ids = torch.randint(0, 97, (2, 9))
     assert model(ids).dtype == torch.bfloat16
+
+
+LOSS_ARCHES = [("llama", {}), ("apertus", {"tie_embeddings": False}), ("denseformer", {"n_layers": 4}),
+               ("cotformer", {"n_layers": 4, "n_repeat": 2}),
+               ("mamba", {"dim": 16, "d_state": 8, "n_heads": None, "n_kv_heads": None, "hidden_dim": None}),
+               ("hybrid", {"attention_layers": [1], "d_state": 8})]
+
+
+@pytest.mark.parametrize("arch,overrides", LOSS_ARCHES, ids=[a for a, _ in LOSS_ARCHES])
+def test_labels_give_the_summed_loss(arch, overrides):
+    """forward(..., labels=) equals the summed cross-entropy of the logits, and so do its gradients."""
+    config = {k: v for k, v in {**TINY, **overrides}.items() if v is not None}
+    torch.manual_seed(0)
+    model = build_model(config_from_dict({"arch": arch, **config}))
+    ids = torch.randint(0, 97, (2, 19))
+    labels = torch.randint(0, 97, (2, 19))
+    labels[0, :3] = -100
+    loss = model(ids, labels=labels)
+    grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+    expected = torch.nn.functional.cross_entropy(model(ids).flatten(0, 1), labels.flatten(), reduction="sum")
+    expected_grads = torch.autograd.grad(expected, list(model.parameters()), allow_unused=True)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-4)
+    for got, want in zip(grads, expected_grads):
+        assert (got is None) == (want is None)
+        if got is not None:
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
