@@ -10,13 +10,14 @@ initialisation) before each. With n_repeat = 1 and neither option, it is the pla
 
 Adaptive CoTFormer (``adaptive``, a mixture of repeats): before each repeat r >= 1 a router scores the
 tokens still going on and only the top ``capacity[r]`` fraction of each sequence continues; a token
-that stops keeps its state, and the keys of repeats it skips are masked out. A continuing token adds
+that stops keeps its state and has no keys in the repeats it skips. A continuing token adds
 sigmoid(score) times the repeat's update, which trains the router. Training draws random non-increasing
 capacities every step so that one model serves every budget; at inference ``set_capacities`` fixes
 them, ``macs_per_token`` counts what they cost and ``capacity_sweep`` reports perplexity against it.
-Routing ranks whole sequences, so the adaptive model runs without a KV cache. Stopped tokens are
-masked, not gathered out: every token is still computed, and ``macs_per_token`` counts the work that
-the routed tokens need.
+Routing ranks whole sequences, so the adaptive model runs without a KV cache. Each repeat gathers the
+tokens that run it, computes only those (its attention sees the keys of the tokens that ran each
+earlier repeat) and scatters their new states back, so compute follows the capacities, as
+``macs_per_token`` counts it.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from torch import nn
 from fastllm.models.registry import register_model
 from fastllm.models.transformer import TransformerConfig, TransformerLM
 from fastllm.nn import DecoderBlock, KVCache, RMSNorm, apply_rotary, rotary_tables
+from fastllm.nn.lm_head import logits_or_loss
 from fastllm.nn.attention import attention_mask
 
 
@@ -76,6 +78,37 @@ def repeat_mask(Tq: int, Tk: int, repeats: int, doc_ids: torch.Tensor | None,
     return mask.repeat(1, 1, 1, repeats)
 
 
+def routed_mask(q_positions: torch.Tensor, key_positions: list[torch.Tensor | None], T: int,
+                doc_ids: torch.Tensor | None) -> torch.Tensor:
+    """(B, 1, n, sum of the repeats' key counts) booleans for routed repeats: the query at sequence
+    position q_positions[b, i] sees the keys of every earlier repeat (key_positions: their tokens'
+    positions, None for all T) at positions up to its own and, with ``doc_ids``, in its document."""
+    B = q_positions.shape[0]
+    everyone = torch.arange(T, device=q_positions.device).expand(B, T)
+    k_positions = torch.cat([everyone if p is None else p for p in key_positions], dim=1)
+    mask = k_positions[:, None, :] <= q_positions[:, :, None]
+    if doc_ids is not None:
+        mask &= doc_ids.gather(1, q_positions)[:, :, None] == doc_ids.gather(1, k_positions)[:, None, :]
+    return mask[:, None]
+
+
+def _take(x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+    """The rows of x (B, T, D) at positions (B, n); all of x for None."""
+    return x if positions is None else x.gather(1, positions[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def _take_rows(table: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+    """RoPE table rows (T, D) or (B, T, D) at positions (B, n)."""
+    if positions is None:
+        return table
+    return _take(table.expand(positions.shape[0], -1, -1) if table.dim() == 2 else table, positions)
+
+
+def _active_mask(positions: torch.Tensor | None, shape, device) -> torch.Tensor:
+    mask = torch.ones(shape, dtype=torch.bool, device=device)
+    return mask if positions is None else torch.zeros_like(mask).scatter_(1, positions, True)
+
+
 class _LayerOffsetCache:
     """A KV cache seen by a block whose cache slot is its layer index plus ``offset``."""
 
@@ -116,13 +149,18 @@ class CoTFormerLM(TransformerLM):
         draws = torch.rand(n - 1).sort(descending=True).values.tolist()
         return [1.0] + draws
 
-    def _route(self, r: int, x: torch.Tensor, active: torch.Tensor, capacity: float):
-        """(gate (B, T, 1), active (B, T)): the tokens among ``active`` with the top router scores."""
-        scores = self.routers[r - 1](x).squeeze(-1).float()
-        keep = min(max(1, math.ceil(capacity * x.shape[1])), x.shape[1])
-        ranked = scores.masked_fill(~active, float("-inf")).topk(keep, dim=1).indices
-        chosen = torch.zeros_like(active).scatter_(1, ranked, True) & active
-        return torch.sigmoid(scores).unsqueeze(-1).to(x.dtype), chosen
+    def _route(self, r: int, x: torch.Tensor, positions: torch.Tensor | None, capacity: float):
+        """(gate (B, n, 1), positions (B, n), ascending): of the tokens at ``positions`` (None: all), the
+        ceil(capacity * T) with the top router scores go on to repeat r, with gate sigmoid(score)."""
+        T = x.shape[1]
+        candidates = _take(x, positions)
+        scores = self.routers[r - 1](candidates).squeeze(-1).float()
+        keep = min(max(1, math.ceil(capacity * T)), candidates.shape[1])
+        top_scores, top = scores.topk(keep, dim=1)
+        chosen = top if positions is None else positions.gather(1, top)
+        chosen, order = chosen.sort(dim=1)  # time order, which the attention mask relies on
+        gate = torch.sigmoid(top_scores.gather(1, order)).unsqueeze(-1).to(x.dtype)
+        return gate, chosen
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -131,9 +169,10 @@ class CoTFormerLM(TransformerLM):
             self.depth_embed.zero_()
 
     def _middle_block(self, block: DecoderBlock, x: torch.Tensor, cos, sin, doc_ids, past: list, cache,
-                      cache_layer: int, key_active: torch.Tensor | None) -> torch.Tensor:
-        """A middle block in repeat len(past) (past: this layer's (k, v) of the earlier repeats).
-        ``key_active`` (B, repeats * T): the keys of tokens that ran each repeat (None: all)."""
+                      cache_layer: int, positions: torch.Tensor | None) -> torch.Tensor:
+        """A middle block in repeat len(past) on the tokens at ``positions`` (B, n) of the sequence (None:
+        all of them); x, cos and sin hold those tokens. ``past``: this layer's (k, v, positions) of the
+        earlier repeats, to which this repeat's are appended."""
         attn = block.attn
         B, T, _ = x.shape
         h = block.attn_norm(x)
@@ -145,22 +184,24 @@ class CoTFormerLM(TransformerLM):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(cache_layer, k, v)
-        past.append((k, v))
+        past.append((k, v, positions))
         if len(past) == 1:  # the first repeat is plain causal attention (the model's attention function)
             out = attn.attention(q, k, v, causal=True, doc_ids=doc_ids)
         else:
             keys = torch.cat([kv[0] for kv in past], dim=2)
             values = torch.cat([kv[1] for kv in past], dim=2)
-            mask = repeat_mask(T, k.shape[2], len(past), doc_ids, x.device)
-            if key_active is not None:
-                mask = mask & key_active[:, None, None, :]
+            if all(p is None for _, _, p in past):
+                mask = repeat_mask(T, k.shape[2], len(past), doc_ids, x.device)
+            else:
+                mask = routed_mask(positions, [p for _, _, p in past], past[0][0].shape[2], doc_ids)
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
                                                  enable_gqa=attn.n_heads != attn.n_kv_heads)
         x = x + attn.o_proj(out.transpose(1, 2).reshape(B, T, attn.n_heads * attn.head_dim))
         return x + block.mlp(block.mlp_norm(x))
 
     def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
         c = self.config
         cos, sin = rotary_tables(self.rope, input_ids, doc_ids, cache)
         x = self.embed(input_ids)
@@ -174,28 +215,32 @@ class CoTFormerLM(TransformerLM):
         if routed and cache is not None:
             raise ValueError("the adaptive CoTFormer routes over whole sequences and cannot use a KV cache")
         capacities = self._current_capacities() if routed else None
-        active = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-        actives, gate = [], None
+        positions, gate = None, None  # the tokens that run the current repeat (None: all)
+        self.last_active = []
         for r in range(c.n_repeat):
             if routed and r > 0:
-                gate, active = self._route(r, x, active, capacities[r])
-            actives.append(active)
-            key_active = torch.cat(actives, dim=1) if routed and r > 0 else None
-            h = x if self.depth_embed is None else x + self.depth_embed[r].to(x.dtype)
+                gate, positions = self._route(r, x, positions, capacities[r])
+            self.last_active.append(_active_mask(positions, x.shape[:2], x.device))
+            # Only the tokens that run this repeat are computed: gather them, then scatter back.
+            x_in = _take(x, positions)
+            h = x_in if self.depth_embed is None else x_in + self.depth_embed[r].to(x.dtype)
+            cos_r, sin_r = _take_rows(cos, positions), _take_rows(sin, positions)
             for j, layer in enumerate(middle):
-                h = self._middle_block(layer, h, cos, sin, doc_ids, past[j], cache, c.n_begin + r * c.n_middle + j,
-                                       key_active)
+                h = self._middle_block(layer, h, cos_r, sin_r, doc_ids, past[j], cache,
+                                       c.n_begin + r * c.n_middle + j, positions)
             if self.repeat_norms is not None:
                 h = self.repeat_norms[r](h)
-            x = torch.where(active.unsqueeze(-1), x + gate * (h - x), x) if gate is not None else h
-        self.last_active = [a.detach() for a in actives]
+            if positions is None:
+                x = h
+            else:  # a routed token adds its gated update; the others keep their state
+                x = x.scatter(1, positions[..., None].expand_as(h), x_in + gate * (h - x_in))
         end_cache = None if cache is None else _LayerOffsetCache(cache, (c.n_repeat - 1) * c.n_middle)
         for layer in end:
             x = layer(x, cos, sin, doc_ids, end_cache)
         if cache is not None:
             cache.advance(input_ids.shape[1])
         x = self.norm(x)
-        return F.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
+        return logits_or_loss(x, self.embed.weight if self.lm_head is None else self.lm_head.weight, labels)
 
     def init_cache(self, batch_size: int, max_seq_len: int, device=None, dtype=None) -> KVCache:
         """One cache slot per block application: n_begin + n_repeat * n_middle + n_end."""
@@ -261,9 +306,7 @@ def capacity_sweep(model: CoTFormerLM, batches, capacity_settings) -> list[dict]
             for batch in batches:
                 ids, labels = (batch["input_ids"], batch["labels"]) if isinstance(batch, dict) else batch
                 doc_ids = batch.get("doc_ids") if isinstance(batch, dict) else None
-                logits = model(ids, doc_ids)
-                total += F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
-                                         reduction="sum").item()
+                total += model(ids, doc_ids, labels=labels).item()
                 count += int((labels != -100).sum())
                 seq_len = ids.shape[1]
             results.append({"capacities": list(model.capacities),
@@ -277,4 +320,4 @@ def capacity_sweep(model: CoTFormerLM, batches, capacity_settings) -> list[dict]
 
 register_model("cotformer", CoTFormerConfig, CoTFormerLM)
 
-__all__ = ["CoTFormerConfig", "CoTFormerLM", "capacity_sweep", "repeat_mask"]
+__all__ = ["CoTFormerConfig", "CoTFormerLM", "capacity_sweep", "repeat_mask", "routed_mask"]

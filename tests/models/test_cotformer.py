@@ -195,3 +195,15 @@ def test_torch_compile_fullgraph_matches_eager():
     torch.compile(model, fullgraph=True, backend="aot_eager")(ids).square().mean().backward()
     for name, param in model.named_parameters():
         torch.testing.assert_close(param.grad, eager[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_adaptive_repeats_compute_only_their_tokens():
+    """Routed repeats gather their tokens: the middle blocks see capacity x T tokens per sequence."""
+    model = cotformer(n_repeat=3, adaptive=True, n_begin=1, n_end=1)
+    model.set_capacities([1.0, 0.5, 0.25])
+    seen = []
+    middle_mlp = model.layers[1].mlp
+    handle = middle_mlp.register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape[:2])))
+    model(torch.randint(0, 97, (3, 8)), doc_ids=torch.tensor([[0] * 3 + [1] * 5] * 3))
+    handle.remove()
+    assert seen == [(3, 8), (3, 4), (3, 2)]
