@@ -138,7 +138,11 @@ def _train(cfg: TrainConfig, env: distributed.Env) -> dict:
     while step < cfg.run.steps:
         batches = [next(loader) for _ in range(accum)]
         # Normalise by the global number of target tokens, so the gradient is the global mean.
-        n_targets = env.sum(sum((b["labels"] != IGNORE_INDEX).sum() for b in batches).to(env.device)).item()
+        # Counted on the host, where the batches are: only the all-reduce of a distributed run touches the device.
+        n_targets = sum((b["labels"] != IGNORE_INDEX).sum() for b in batches)
+        if env.distributed:
+            n_targets = env.sum(n_targets.to(env.device)).item()
+        n_targets = int(n_targets)
         loss_sum = torch.zeros((), device=env.device)
         for i, batch in enumerate(batches):
             batch = {k: v.to(env.device, non_blocking=True) for k, v in batch.items()}
