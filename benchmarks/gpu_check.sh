@@ -12,14 +12,15 @@
 #
 # Parts: build, tests (ops, layers and models whole, gpu-marked tests elsewhere), ops (AdEMAMix,
 # xIELU, selective scan, depth-weighted average), attention (dense and sparse flash attention),
-# train (124M training step, Mamba vs Transformer generation), smoke (the main job on the GPU),
+# train (124M training step, Mamba vs Transformer generation), lm (benchmarks/sparse_lm.py: sparse
+# attention LMs beside a dense one at T = 2048), smoke (the main job on the GPU),
 # profile (benchmarks/profile_gpu.py: top CUDA kernels of the training step and the sparse attentions).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 LOGS=${LOGS:-/tmp/fastllm-gpu-check}
-PARTS=${PARTS:-"build tests ops attention train smoke"}
+PARTS=${PARTS:-"build tests ops attention train lm smoke"}
 BUDGET=${BUDGET:-480}
 ALL_TESTS="tests/ops tests/nn tests/models"
 TESTS=${TESTS:-$ALL_TESTS}
@@ -74,6 +75,11 @@ has ops && bench ops 200 benchmarks -k "$BENCH_K" --ignore=benchmarks/bench_flas
   --ignore=benchmarks/bench_train.py --ignore=benchmarks/bench_mamba_generation.py
 has attention && bench attention 240 benchmarks/bench_flash_attention.py
 has train && bench train 240 benchmarks/bench_train.py benchmarks/bench_mamba_generation.py -k cuda
+
+if has lm; then  # dense, hash-sparse and QK-dropping LMs at T = 2048: validation loss and tokens/s
+  run_limited "$(limit 240)" "$PY" benchmarks/sparse_lm.py > "$LOGS/lm.log" 2>&1 || status=1
+  tail -6 "$LOGS/lm.log"
+fi
 
 if has profile; then  # the top CUDA kernels of the workloads that miss their targets
   run_limited "$(limit 150)" "$PY" benchmarks/profile_gpu.py > "$LOGS/profile.log" 2>&1 || status=1

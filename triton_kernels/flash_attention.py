@@ -19,7 +19,8 @@ Forward: online softmax in base 2; saves each row's maximum and log2 of its sum 
 which the backward recomputes the probabilities with the forward's own roundings. Backward: a
 preprocess for ``delta = rowsum(dO * O)``, one pass over key blocks for dK and dV and a separate
 pass over query blocks for dQ (no atomics). Accumulation is fp32; fp32 inputs use IEEE products
-(no TF32) so they can serve as tests. Head dims are powers of two from 16 to 128.
+(no TF32), summed over the head dim in four runs added pairwise, so they can serve as tests against
+torch's fp32 error. Head dims are powers of two from 16 to 128.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # Under the interpreter (CPU tests) one small tile keeps runs fast and still crosses blocks.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_INTERPRETED = tl.constexpr(INTERPRET)
 LOG2E = 1.4426950408889634
 
 
@@ -73,9 +75,34 @@ def _pick(variants, q: torch.Tensor):
 
 
 @triton.jit
+def _halves(a, b):
+    """a (M, K) and b (K, N) split along K into their first and second halves."""
+    M: tl.constexpr = a.shape[0]
+    K: tl.constexpr = a.shape[1]
+    N: tl.constexpr = b.shape[1]
+    a0, a1 = tl.split(tl.permute(tl.reshape(a, [M, 2, K // 2]), [0, 2, 1]))
+    b0, b1 = tl.split(tl.permute(tl.reshape(b, [2, K // 2, N]), [1, 2, 0]))
+    return a0, a1, b0, b1
+
+
+@triton.jit
 def _dot(a, b, IEEE: tl.constexpr):
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
+    if IEEE and _INTERPRETED:
+        # numpy's matmul rounds a @ b and (b^T @ a^T)^T differently, so the backward's recomputed
+        # scores would not match the forward's; GPUs sum both in one order. Summing in float64 and
+        # rounding once makes the interpreter as consistent.
+        return tl.dot(a.to(tl.float64), b.to(tl.float64)).to(tl.float32)
+    elif IEEE:
+        # The fp32 path: products over the head dim summed in four sequential runs, added
+        # pairwise (one run of 128 would have twice torch's rounding error).
+        if a.shape[1] >= 64:
+            a0, a1, b0, b1 = _halves(a, b)
+            a00, a01, b00, b01 = _halves(a0, b0)
+            a10, a11, b10, b11 = _halves(a1, b1)
+            return ((tl.dot(a00, b00, input_precision="ieee") + tl.dot(a01, b01, input_precision="ieee"))
+                    + (tl.dot(a10, b10, input_precision="ieee") + tl.dot(a11, b11, input_precision="ieee")))
+        else:
+            return tl.dot(a, b, input_precision="ieee")
     else:
         return tl.dot(a, b)
 

@@ -66,13 +66,12 @@ def test_dense_matches_reference(dtype, causal):
            (1, 2, 21, 16), dtype, scale=1.5)
 
 
-# Several heads at T = 18: the maximum error over a few hundred elements is a noisy statistic, and
-# the GPU's approximate exp2 lands single-head samples near the 2x limit.
+# Several heads at T = 18: the maximum error over a few hundred elements is a noisy statistic.
 @pytest.mark.parametrize("shape", [(1, 1, 1, 32), (2, 1, 17, 64), (2, 3, 18, 128)])
 def test_dense_shapes_and_scale(shape):
     _check(lambda q, k, v, softmax_scale: flash_attention(q, k, v, True, softmax_scale),
            lambda q, k, v, softmax_scale: flash_attention_reference(q, k, v, True, softmax_scale),
-           shape, torch.float32, softmax_scale=0.3)
+           shape, torch.float32, softmax_scale=0.3, grad_floor=ULPS_OF_ONE)  # row 0 sees one key: dq = 0
 
 
 def test_dense_noncontiguous_inputs():
