@@ -108,15 +108,20 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _windows(LO, HI, offs, T, MODE: tl.constexpr):
-    """[lo, hi) of the keys (or, with the column tables, queries) each index sees; none past T."""
+def _windows(LO, HI, offs, T, MODE: tl.constexpr, COLUMNS: tl.constexpr):
+    """[lo, hi) of the keys each query row ``offs`` sees or, with COLUMNS, of the query rows that see
+    each key column ``offs`` (from the column tables LO, HI in MODE_WINDOW); empty past T."""
     valid = offs < T
     if MODE == 2:
         lo = tl.load(LO + offs, mask=valid, other=T)
         hi = tl.load(HI + offs, mask=valid, other=0)
     elif MODE == 1:
-        lo = tl.where(valid, 0, T)
-        hi = tl.where(valid, offs + 1, 0)
+        if COLUMNS:
+            lo = tl.where(valid, offs, T)
+            hi = tl.where(valid, T, 0)
+        else:
+            lo = tl.where(valid, 0, T)
+            hi = tl.where(valid, offs + 1, 0)
     else:
         lo = tl.where(valid, 0, T)
         hi = tl.where(valid, T, 0)
@@ -130,22 +135,6 @@ def _rows(IDX, offs, T, MODE: tl.constexpr):
         return tl.load(IDX + offs, mask=offs < T, other=0)
     else:
         return offs
-
-
-@triton.jit
-def _col_windows(COL_LO, COL_HI, offs, T, MODE: tl.constexpr):
-    """[lo, hi) of the query rows that see each key column ``offs``."""
-    valid = offs < T
-    if MODE == 2:
-        lo = tl.load(COL_LO + offs, mask=valid, other=T)
-        hi = tl.load(COL_HI + offs, mask=valid, other=0)
-    elif MODE == 1:
-        lo = tl.where(valid, offs, T)
-        hi = tl.where(valid, T, 0)
-    else:
-        lo = tl.where(valid, 0, T)
-        hi = tl.where(valid, T, 0)
-    return lo, hi
 
 
 @triton.jit
@@ -221,7 +210,7 @@ def _fwd_kernel(Q, K, V, O, STATS, LO, HI, QIDX, KIDX, scale_log2,
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_valid = offs_m < T
-    lo, hi = _windows(LO, HI, offs_m, T, MODE)
+    lo, hi = _windows(LO, HI, offs_m, T, MODE, False)
     q_rows = _rows(QIDX, offs_m, T, MODE)
     q = tl.load(Q + q_rows[:, None] * stride_qt + offs_d[None, :], mask=row_valid[:, None], other=0.0)
 
@@ -295,7 +284,7 @@ def _dkdv_tiles(dk, dv, k, v, q_head, do_head, STATS, DELTA, LO, HI, QIDX, row_b
             delta = tl.load(DELTA + row_base + offs_m)
         pt = tl.math.exp2(tl.fma(_dot(k, qt, IEEE), scale_log2, -m[None, :]) - log2_l[None, :])
         if MASKED:
-            lo, hi = _windows(LO + row_base, HI + row_base, offs_m, T, MODE)
+            lo, hi = _windows(LO + row_base, HI + row_base, offs_m, T, MODE, False)
             visible = (offs_n[:, None] >= lo[None, :]) & (offs_n[:, None] < hi[None, :])
             pt = tl.where(visible, pt, 0.0)
         dv += _dot(pt.to(do.dtype), do, IEEE)
@@ -339,7 +328,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV, LO, HI, COL_LO, COL_HI, 
         q_head = Q + b * stride_qb + h * stride_qh
         do_head = DO + b * stride_dob + h * stride_doh
         # The query rows that can see this key block.
-        q_lo, q_hi = _col_windows(COL_LO + row_base, COL_HI + row_base, offs_n, T, MODE)
+        q_lo, q_hi = _windows(COL_LO + row_base, COL_HI + row_base, offs_n, T, MODE, True)
         first, full_lo, full_hi, end = _tile_ranges(q_lo, q_hi, col_valid, BLOCK_M)
         args = (k, v, q_head, do_head, STATS, DELTA, LO, HI, QIDX, row_base, n_rows, start_n, offs_n)
         dk, dv = _dkdv_tiles(dk, dv, *args, first, full_lo, scale_log2, stride_qt, stride_dot, T, HEAD_DIM, MODE,
@@ -406,7 +395,7 @@ def _bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ, LO, HI, QIDX, KIDX, scale_log2
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_valid = offs_m < T
-    lo, hi = _windows(LO, HI, offs_m, T, MODE)
+    lo, hi = _windows(LO, HI, offs_m, T, MODE, False)
     q_rows = _rows(QIDX + row_base, offs_m, T, MODE)
     KIDX += (b * H_KV + hk) * T
     q = tl.load(Q + q_rows[:, None] * stride_qt + offs_d[None, :], mask=row_valid[:, None], other=0.0)
