@@ -108,8 +108,10 @@ def hash_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotations: to
     if q.shape[2] != k.shape[2]:
         return _masked_attention(q, k, v, q_hash[..., :, None] == k_hash[..., None, :], doc_ids, True, softmax_scale)
     n_buckets = 2 * rotations.shape[-1]
-    return hash_sparse_attention(q, k, v, _with_documents(q_hash, doc_ids, n_buckets),
-                                 _with_documents(k_hash, doc_ids, n_buckets), softmax_scale=softmax_scale)
+    k_buckets = _with_documents(k_hash, doc_ids, n_buckets)
+    # Shared-QK hashing passes one tensor for both sides, which the op sorts once.
+    q_buckets = k_buckets if shared_qk else _with_documents(q_hash, doc_ids, n_buckets)
+    return hash_sparse_attention(q, k, v, q_buckets, k_buckets, softmax_scale=softmax_scale)
 
 
 def qk_drop(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_keep: torch.Tensor, k_keep: torch.Tensor, *,

@@ -229,8 +229,11 @@ def qk_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_kee
     if _backend.current_backend() == "reference" or q.numel() == 0:
         return qk_sparse_attention_reference(q, k, v, q_keep, k_keep, scale)
     with nvtx_range("fastllm.qk_sparse_attention"):
-        q_order, _, nq = _stable_partition(q_keep)
         k_order, keys_upto, nk = _stable_partition(k_keep)
+        if q_keep is k_keep:  # queries and keys kept together: one partition serves both
+            q_order, nq = k_order, nk
+        else:
+            q_order, _, nq = _stable_partition(q_keep)
         # Kept query r sees the kept keys at positions <= its own: the first keys_upto[pos] of them.
         kept_row = torch.arange(q.shape[2], device=q.device, dtype=torch.int32) < nq
         row_hi = torch.where(kept_row, torch.gather(keys_upto, -1, q_order), nk)
@@ -252,11 +255,17 @@ def hash_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_b
         return hash_sparse_attention_reference(q, k, v, q_buckets, k_buckets, scale)
     with nvtx_range("fastllm.hash_sparse_attention"):
         T = q.shape[2]
-        q_sorted, q_order = torch.sort(q_buckets.long(), dim=-1, stable=True)
-        k_sorted, k_order = torch.sort(k_buckets.long(), dim=-1, stable=True)
+        # 32-bit keys sort in half the radix passes of 64-bit ones; shared buckets (shared-QK
+        # hashing) sort once.
+        k_sorted, k_order = torch.sort(k_buckets.int(), dim=-1, stable=True)
+        if q_buckets is k_buckets:
+            q_sorted, q_order = k_sorted, k_order
+        else:
+            q_sorted, q_order = torch.sort(q_buckets.int(), dim=-1, stable=True)
         # (bucket, position) packed into one sortable key: the keys query r sees are those from
         # (its bucket, 0) to (its bucket, its position), one contiguous run in key order.
-        k_packed = k_sorted * T + k_order
-        row_lo = torch.searchsorted(k_packed, q_sorted * T, out_int32=True)
-        row_hi = torch.searchsorted(k_packed, q_sorted * T + q_order, right=True, out_int32=True)
+        k_packed = k_sorted.long() * T + k_order
+        q_start = q_sorted.long() * T
+        row_lo = torch.searchsorted(k_packed, q_start, out_int32=True)
+        row_hi = torch.searchsorted(k_packed, q_start + q_order, right=True, out_int32=True)
         return _windowed(q, k, v, q_order, k_order, row_lo, row_hi, scale)

@@ -146,6 +146,17 @@ def test_hash_sparse_edge_cases(case):
         assert lonely.any() and (out[lonely] == 0).all() and (grads[0][lonely] == 0).all()
 
 
+def test_one_tensor_for_both_sides():
+    """The same buckets (shared-QK hashing) or keep mask for queries and keys: sorted or partitioned once."""
+    shape = (2, 2, 37, 16)
+    buckets = torch.randint(-3, 3, shape[:3], device=DEVICE)
+    _check(hash_sparse_attention, hash_sparse_attention_reference, shape, torch.float32, buckets, buckets,
+           grad_floor=ULPS_OF_ONE)
+    keep = torch.rand(shape[:3], device=DEVICE) < 0.6
+    _check(qk_sparse_attention, qk_sparse_attention_reference, shape, torch.float32, keep, keep,
+           grad_floor=ULPS_OF_ONE)
+
+
 def test_cpu_path_without_interpreter_is_the_reference(monkeypatch):
     """Without the interpreter a CPU tensor runs the math reference, whose backward is written out."""
     monkeypatch.setattr(fa._kernels, "INTERPRET", False)
