@@ -12,10 +12,10 @@
 #
 # Parts: build, tests (ops, layers and models whole, gpu-marked tests elsewhere), ops (AdEMAMix,
 # xIELU, selective scan, depth-weighted average, linear cross-entropy), attention (dense and sparse
-# flash attention),
-# train (124M training step, Mamba vs Transformer generation), lm (benchmarks/sparse_lm.py: sparse
-# attention LMs beside a dense one at T = 2048), smoke (the main job on the GPU),
-# profile (benchmarks/profile_gpu.py: top CUDA kernels of the training step and the sparse attentions).
+# flash attention), train (124M training step, Mamba vs Transformer generation), lm
+# (benchmarks/sparse_lm.py: sparse-attention LMs beside a dense one at T = 2048), smoke (the main job
+# on the GPU), profile (benchmarks/profile_gpu.py: top CUDA kernels of the training step and the
+# sparse attentions).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
