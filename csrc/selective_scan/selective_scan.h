@@ -208,19 +208,15 @@ struct StateUpdateArgs {
   void* out;
 };
 
-// The step for channel (b, d): states n = first, first + stride, ...; returns their share of C h.
-template <typename T>
-FASTLLM_HD float state_update_partial(const StateUpdateArgs& a, int64_t b, int64_t d, int64_t first, int64_t stride,
-                                      float delta, float delta_x) {
-  const int64_t g = d / (a.dim / a.groups);
-  const T* B = static_cast<const T*>(a.B) + (b * a.groups + g) * a.nstate;
-  const T* C = static_cast<const T*>(a.C) + (b * a.groups + g) * a.nstate;
-  float* h = a.state + (b * a.dim + d) * a.nstate;
+// The step of one channel's states n = first, first + kStride, ... (h, A: the channel's N entries;
+// B, C: its group's); returns their share of C h, summed in n order. The update loop carries no
+// reduction, so the CPU (kStride 1) vectorises it, exp included; a CUDA warp passes kStride 32.
+template <int kStride, typename T>
+FASTLLM_HD float update_states(float* __restrict h, const float* __restrict A, const T* __restrict B,
+                               const T* __restrict C, int64_t first, int64_t nstate, float delta, float delta_x) {
+  for (int64_t n = first; n < nstate; n += kStride) h[n] = ss_step(h[n], delta, A[n], delta_x, load_float(B, n));
   float y = 0.0f;
-  for (int64_t n = first; n < a.nstate; n += stride) {
-    h[n] = ss_step(h[n], delta, a.A[d * a.nstate + n], delta_x, load_float(B, n));
-    y += load_float(C, n) * h[n];
-  }
+  for (int64_t n = first; n < nstate; n += kStride) y += load_float(C, n) * h[n];
   return y;
 }
 

@@ -11,17 +11,6 @@ namespace {
 constexpr int64_t kParallelStates = int64_t(1) << 16;
 constexpr int64_t kChannels = 64;
 
-// The states of one channel: the update loop has no reduction and restrict pointers, so it
-// vectorises (exp included); y = sum_n C h follows in n order, as in the scan.
-template <typename T>
-FASTLLM_ALWAYS_INLINE float update_channel(float* __restrict h, const float* __restrict A, const T* __restrict B,
-                                           const T* __restrict C, int64_t nstate, float delta, float delta_x) {
-  for (int64_t n = 0; n < nstate; ++n) h[n] = ss_step(h[n], delta, A[n], delta_x, load_float(B, n));
-  float y = 0.0f;
-  for (int64_t n = 0; n < nstate; ++n) y += load_float(C, n) * h[n];
-  return y;
-}
-
 template <typename T>
 FASTLLM_ALWAYS_INLINE void run(const StateUpdateArgs& a, int num_threads) {
   const int64_t per_group = a.dim / a.groups;
@@ -61,9 +50,9 @@ FASTLLM_ALWAYS_INLINE void run(const StateUpdateArgs& a, int num_threads) {
         for (int64_t i = 0; i < count; ++i) delta[i] = ss_delta(dt[i], bias[i], false);
       }
       for (int64_t i = 0; i < count; ++i)
-        y[i] = update_channel<T>(a.state + (row0 + i) * a.nstate, a.A + (d0 + i) * a.nstate,
-                                 static_cast<const T*>(a.B) + bc, static_cast<const T*>(a.C) + bc, a.nstate, delta[i],
-                                 delta[i] * x[i]);
+        y[i] = update_states<1>(a.state + (row0 + i) * a.nstate, a.A + (d0 + i) * a.nstate,
+                                static_cast<const T*>(a.B) + bc, static_cast<const T*>(a.C) + bc, 0, a.nstate, delta[i],
+                                delta[i] * x[i]);
       if (z_in) {
         for (int64_t i = 0; i < count; ++i) y[i] = ss_output(y[i], x[i], d[i], true, z[i]);
       } else {

@@ -17,7 +17,9 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) state_update_kernel(const
   const float x = load_float(static_cast<const T*>(a.x), row);
   const float delta = ss_delta(load_float(static_cast<const T*>(a.dt), row), a.dt_bias ? a.dt_bias[d] : 0.0f,
                                a.softplus);
-  float y = state_update_partial<T>(a, b, d, lane, 32, delta, delta * x);
+  const int64_t bc = (b * a.groups + d / (a.dim / a.groups)) * a.nstate;
+  float y = update_states<32>(a.state + row * a.nstate, a.A + d * a.nstate, static_cast<const T*>(a.B) + bc,
+                              static_cast<const T*>(a.C) + bc, lane, a.nstate, delta, delta * x);
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) y += __shfl_xor_sync(0xffffffffu, y, offset);
   if (lane == 0) {
