@@ -7,8 +7,6 @@ import torch.nn.functional as F
 
 from fastllm.ops.linear_cross_entropy import linear_cross_entropy
 
-IGNORE_INDEX = -100
-
 
 def logits_or_loss(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
     """Logits (B, T, vocab) of the final hidden states x (B, T, D) and the output embedding ``weight``
@@ -24,5 +22,4 @@ def logits_or_loss(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor |
         x, weight = x.to(dtype), weight.to(dtype)
     elif x.dtype != weight.dtype:
         x = x.to(weight.dtype)
-    return linear_cross_entropy(x.flatten(0, 1), weight, labels.flatten(), ignore_index=IGNORE_INDEX,
-                                reduction="sum")
+    return linear_cross_entropy(x.flatten(0, 1), weight, labels.flatten(), reduction="sum")

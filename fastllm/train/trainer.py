@@ -38,7 +38,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
-from fastllm.data import PackedLoader, load_tokenizer, prepare_dataset
+from fastllm.data import IGNORE_INDEX, PackedLoader, load_tokenizer, prepare_dataset
 from fastllm.data.prepare import read_meta, unigram_entropy
 from fastllm.models import build_model, config_from_dict
 from fastllm.optim.schedules import build_optimizer, build_scheduler
@@ -46,8 +46,6 @@ from fastllm.train import checkpoint as ckpt
 from fastllm.train import distributed
 from fastllm.train.config import ConfigError, TrainConfig
 from fastllm.train.metrics import MetricsLogger, peak_flops, plot_losses
-
-IGNORE_INDEX = -100
 
 
 def train(config: TrainConfig) -> dict:
