@@ -8,6 +8,8 @@ import warnings
 from collections.abc import Iterator
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.functional_tensor import FunctionalTensor
 
 try:
     from fastllm import _C
@@ -24,6 +26,14 @@ DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _backend = os.environ.get("FASTLLM_BACKEND", "auto")
 if _backend not in BACKENDS:
     raise ValueError(f"FASTLLM_BACKEND must be one of {BACKENDS}, got {_backend!r}")
+
+
+def triton_runs_on(tensor: torch.Tensor, interpret: bool) -> bool:
+    """Whether a Triton kernel runs on ``tensor``'s device: CUDA, or the CPU under the interpreter
+    (``interpret``). The interpreter runs kernels on real CPU tensors at once, so under tracing (fake
+    or functional tensors: opcheck, torch.compile) the CPU graph gets the torch path instead."""
+    return tensor.device.type == "cuda" or (tensor.device.type == "cpu" and interpret
+                                            and not isinstance(tensor, (FakeTensor, FunctionalTensor)))
 
 
 def current_backend() -> str:

@@ -28,8 +28,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensor
-from torch._subclasses.functional_tensor import FunctionalTensor
 
 from fastllm.ops import _backend
 from fastllm.ops._validate import check_same_device, check_shape, check_tensor
@@ -64,10 +62,7 @@ def triton_path(q: torch.Tensor) -> bool:
                    else f"dtype {q.dtype} with head dim {q.shape[-1]} (kernels: {_kernels.HEAD_DIMS})")
                 + "; using the math reference on the GPU (O(T^2) memory)"))
         return False
-    # The interpreter runs kernels on real CPU tensors at once: under tracing (fake or functional
-    # tensors: opcheck, torch.compile) the CPU graph gets the reference instead.
-    return q.device.type == "cuda" or (q.device.type == "cpu" and _kernels.INTERPRET
-                                       and not isinstance(q, (FakeTensor, FunctionalTensor)))
+    return _backend.triton_runs_on(q, _kernels.INTERPRET)
 
 
 def attention_implementation(device_type: str) -> str:

@@ -21,8 +21,6 @@ would synchronise with the host, their tokens' loss is NaN.
 from __future__ import annotations
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensor
-from torch._subclasses.functional_tensor import FunctionalTensor
 
 from fastllm.ops import _backend
 from fastllm.ops._validate import check_same_device, check_same_dtype, check_tensor
@@ -43,8 +41,7 @@ DEFAULT_CHUNK_ELEMENTS = 1 << 27
 def triton_path(logits: torch.Tensor) -> bool:
     if _kernels is None or logits.dtype not in _kernels.KERNEL_DTYPES:
         return False
-    return logits.device.type == "cuda" or (logits.device.type == "cpu" and _kernels.INTERPRET
-                                            and not isinstance(logits, (FakeTensor, FunctionalTensor)))
+    return _backend.triton_runs_on(logits, _kernels.INTERPRET)
 
 
 def implementation(device_type: str) -> str:
