@@ -31,13 +31,13 @@ def scan_inputs(batch, dim, length, nstate, dtype, device):
                 D=rand(dim), z=rand(batch, dim, length).to(dtype), delta_bias=rand(dim) * 0.3)
 
 
-def scan_bytes(batch, dim, length, nstate, dtype, backward=False):
+def scan_bytes(batch, dim, length, nstate, dtype, device, backward=False):
     """Compulsory DRAM traffic: forward reads u, delta, z, B, C and writes out + chunk states; the
     backward reads those inputs, dout and the states, and writes du, ddelta, dz, dB, dC."""
     e = torch.finfo(dtype).bits // 8
     per_channel = batch * dim * length * e
     per_bc = batch * nstate * length * e
-    states = batch * dim * num_chunks(length) * nstate * 4
+    states = batch * dim * num_chunks(length, torch.device(device)) * nstate * 4
     if not backward:
         return 4 * per_channel + 2 * per_bc + states
     return 7 * per_channel + 4 * per_bc + states
@@ -75,7 +75,8 @@ def test_cpu_scan(timer, impl, mode):
     make = _forward if mode == "forward" else _forward_backward
     rounds = 3 if impl != "fastllm" or mode == "forward_backward" else 10
     timer(make(IMPLEMENTATIONS[impl], x), group=f"selective_scan cpu {mode} b2 d256 L512 N16", name=impl,
-          device="cpu", bytes_moved=scan_bytes(*shape, torch.float32, mode != "forward"), rounds=rounds, warmup=1)
+          device="cpu", bytes_moved=scan_bytes(*shape, torch.float32, "cpu", mode != "forward"), rounds=rounds,
+          warmup=1)
 
 
 GPU_SHAPE = (8, 2048, 2048, 16)
@@ -91,7 +92,7 @@ def _floor_ms(bytes_moved: float) -> float | None:
 @pytest.mark.parametrize("impl", ["fastllm", "parallel_scan_pytorch", "sequential_reference"])
 def test_cuda_scan_forward(timer, benchmark, impl):
     x = scan_inputs(*GPU_SHAPE, torch.bfloat16, "cuda")
-    bytes_moved = scan_bytes(*GPU_SHAPE, torch.bfloat16)
+    bytes_moved = scan_bytes(*GPU_SHAPE, torch.bfloat16, "cuda")
     rounds = 20 if impl == "fastllm" else 3
     timer(_forward(IMPLEMENTATIONS[impl], x), group="selective_scan cuda forward bf16 b8 d2048 L2048 N16",
           name=impl, device="cuda", bytes_moved=bytes_moved, rounds=rounds, warmup=1)
@@ -109,7 +110,7 @@ def test_cuda_scan_backward(timer, benchmark, impl):
     except torch.OutOfMemoryError:
         pytest.skip(f"{impl} backward does not fit in GPU memory at this shape")
     dout = torch.randn_like(out)
-    bytes_moved = scan_bytes(*GPU_SHAPE, torch.bfloat16, backward=True)
+    bytes_moved = scan_bytes(*GPU_SHAPE, torch.bfloat16, "cuda", backward=True)
     timer(lambda: torch.autograd.grad(out, list(leaves.values()), dout, retain_graph=True),
           group="selective_scan cuda backward bf16 b8 d2048 L2048 N16", name=impl, device="cuda",
           bytes_moved=bytes_moved, rounds=10, warmup=1)

@@ -4,9 +4,9 @@
 //   h_t = a_t h_{t-1} + b_t,  a_t = exp(delta'_t A_n),  b_t = delta'_t u_t B_{n,t}
 //   y_t = sum_n C_{n,t} h_t + D u_t;   out_t = y_t silu(z_t)
 //
-// Both kernels walk L in chunks of kScanChunk positions and, per chunk, the states n one after
-// another, carrying h_n from chunk to chunk. The forward saves h at the end of every chunk; the
-// backward walks the chunks in reverse, recomputing each chunk's states from the saved state before it.
+// Both kernels walk L in chunks (kScanChunk positions on the CPU, kCudaScanChunk on CUDA), carrying
+// h from chunk to chunk. The forward saves h at the end of every chunk; the backward walks the chunks
+// in reverse, recomputing each chunk's states from the saved state before it.
 #pragma once
 
 #include <cmath>
@@ -17,6 +17,7 @@
 namespace fastllm {
 
 constexpr int kScanChunk = 256;
+constexpr int kCudaScanChunk = 64;  // shorter: the CUDA backward recomputes a chunk per thread block
 
 struct float16 {
   uint16_t bits;
@@ -156,7 +157,7 @@ struct ScanArgs {
   const float* delta_bias;
   const float* initial_state;  // (batch, dim, N)
   bool softplus;
-  FASTLLM_HD int64_t num_chunks() const { return (length + kScanChunk - 1) / kScanChunk; }
+  int64_t cpu_chunks() const { return (length + kScanChunk - 1) / kScanChunk; }
 };
 
 struct ScanForwardOut {
@@ -164,8 +165,8 @@ struct ScanForwardOut {
   float* chunk_states;   // (batch, dim, chunks, N): h at the end of every chunk
 };
 
-// Gradients. dB_partial / dC_partial hold one fp32 slice per channel tile (see each kernel) that the
-// caller sums; dA, dD, ddelta_bias hold one slice per batch row, summed by the caller.
+// Gradients. dB / dC hold one fp32 slice per channel tile, (batch, groups, tiles per group, N, L),
+// that the caller sums; dA, dD, ddelta_bias hold one slice per batch row, summed by the caller.
 struct ScanBackwardArgs {
   const void* dout;
   const float* dlast_state;  // (batch, dim, N) or null
@@ -177,7 +178,7 @@ struct ScanBackwardArgs {
   float* dD_partial;         // (batch, dim)
   float* ddelta_bias_partial;  // (batch, dim)
   float* dinitial_state;     // (batch, dim, N)
-  float* dB;                 // layout chosen by the kernel, see scan_tiles_*
+  float* dB;
   float* dC;
 };
 
@@ -188,7 +189,7 @@ FASTLLM_HD int64_t cpu_tiles_per_group(int64_t dim, int64_t groups) {
 }
 
 void selective_scan_fwd_cpu(const ScanArgs& args, const ScanForwardOut& out, int dtype, int num_threads);
-// dB, dC: (batch, groups, tiles_per_group, N, L) fp32 partial sums.
+// dB, dC: cpu_tiles_per_group tiles.
 void selective_scan_bwd_cpu(const ScanArgs& args, const ScanBackwardArgs& grads, int dtype, int num_threads);
 
 // One decoding step (selective_state_update): state (batch, dim, N) float32 updated in place;
@@ -226,8 +227,8 @@ void selective_state_update_cpu(const StateUpdateArgs& args, int dtype, int num_
 void selective_state_update_cuda(const StateUpdateArgs& args, int dtype, int device, uintptr_t stream);
 void selective_scan_fwd_cuda(const ScanArgs& args, const ScanForwardOut& out, int dtype, int device,
                              uintptr_t stream);
-// dB, dC: (batch, groups, N, L) fp32, zeroed by the caller, accumulated with one atomic add per
-// (thread block, group, n, position).
+// Channel tiles per group of the CUDA backward's dB, dC partial sums (one per thread block).
+int64_t selective_scan_cuda_tiles(int64_t per_group, int64_t nstate);
 void selective_scan_bwd_cuda(const ScanArgs& args, const ScanBackwardArgs& grads, int dtype, int device,
                              uintptr_t stream);
 #endif

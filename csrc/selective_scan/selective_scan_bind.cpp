@@ -90,6 +90,9 @@ void bind_selective_scan(py::module_& m) {
         selective_state_update_cuda(args, dtype, device, stream);
       },
       "One Mamba decoding step on one CUDA device and stream, updating the state in place.");
+  m.attr("selective_scan_cuda_chunk") = kCudaScanChunk;
+  m.def("selective_scan_cuda_tiles", &selective_scan_cuda_tiles, py::arg("per_group"), py::arg("nstate"),
+        "Channel tiles per group of the CUDA backward's dB, dC partial sums.");
   m.def(
       "selective_scan_fwd_cuda",
       [](const Sizes& sizes, const Inputs& inputs, bool softplus, uintptr_t out, uintptr_t chunk_states, int dtype,

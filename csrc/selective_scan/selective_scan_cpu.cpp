@@ -162,7 +162,7 @@ TileParams tile_params(const ScanArgs& a, const Tile& tile) {
 
 template <typename T>
 FASTLLM_ALWAYS_INLINE void forward_tile(const ScanArgs& a, const ScanForwardOut& o, const Tile& tile) {
-  const int64_t N = a.nstate, L = a.length, chunks = a.num_chunks();
+  const int64_t N = a.nstate, L = a.length, chunks = a.cpu_chunks();
   T* out = static_cast<T*>(o.out);
   TileParams p = tile_params(a, tile);
   ChunkInputs in(kScanChunk);
@@ -188,7 +188,7 @@ FASTLLM_ALWAYS_INLINE void forward_tile(const ScanArgs& a, const ScanForwardOut&
 
 template <typename T>
 FASTLLM_ALWAYS_INLINE void backward_tile(const ScanArgs& a, const ScanBackwardArgs& gr, const Tile& tile) {
-  const int64_t N = a.nstate, L = a.length, chunks = a.num_chunks();
+  const int64_t N = a.nstate, L = a.length, chunks = a.cpu_chunks();
   const int64_t tiles = cpu_tiles_per_group(a.dim, a.groups);
   const T* z = static_cast<const T*>(a.z);
   const T* dout = static_cast<const T*>(gr.dout);

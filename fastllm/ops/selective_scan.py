@@ -2,12 +2,12 @@
 
 ``selective_scan`` has the signature and semantics of mamba_ssm's ``selective_scan_fn`` (plus an
 ``initial_state``), see fastllm/ops/selective_scan_ref.py for the math and shapes. The kernels (C++
-CPU, CUDA) walk L in chunks of SCAN_CHUNK positions with the state carried across chunks, save the
-state at every chunk end, and the backward recomputes each chunk from the saved state before it, so
-memory stays O(batch dim N L / SCAN_CHUNK). u, delta, z, B, C share one dtype (float32, float16,
-bfloat16; arithmetic in float32); A, D, delta_bias, initial_state are float32 (half-precision ones are
-cast). float64 inputs (and
-FASTLLM_BACKEND=reference) run the pure-PyTorch reference.
+CPU, CUDA) walk L in chunks (SCAN_CHUNK positions on the CPU, SCAN_CHUNK_CUDA on CUDA devices) with
+the state carried across chunks, save the state at every chunk end, and the backward recomputes each
+chunk from the saved state before it, so memory stays O(batch dim N L / chunk). u, delta, z, B, C
+share one dtype (float32, float16, bfloat16; arithmetic in float32); A, D, delta_bias, initial_state
+are float32 (half-precision ones are cast). float64 inputs (and FASTLLM_BACKEND=reference) run the
+pure-PyTorch reference.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from fastllm.ops.selective_scan_ref import (compute_dtype, selective_scan_backwa
 from fastllm.profiling import nvtx_range
 
 SCAN_CHUNK = 256  # kScanChunk in csrc/selective_scan/selective_scan.h
+SCAN_CHUNK_CUDA = 64  # kCudaScanChunk
 MAX_STATES = 256
 CPU_LANES = 8  # kCpuLanes: channels per CPU task
 INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -28,16 +29,23 @@ PARAM_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)  # 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def num_chunks(length: int) -> int:
-    return (length + SCAN_CHUNK - 1) // SCAN_CHUNK
+def chunk_length(device: torch.device) -> int:
+    """Positions per saved state: the chunk of the kernels that run on ``device``."""
+    return SCAN_CHUNK_CUDA if device.type == "cuda" else SCAN_CHUNK
+
+
+def num_chunks(length: int, device: torch.device) -> int:
+    chunk = chunk_length(device)
+    return (length + chunk - 1) // chunk
 
 
 # ---- reference path (also the default for devices without kernels) --------------------------------
 
-def _reference_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
+def _reference_forward(chunk, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
+    """Output and the state after every ``chunk`` positions."""
     states, outs, h = [], [], initial_state
-    for start in range(0, u.shape[2], SCAN_CHUNK):
-        piece = slice(start, start + SCAN_CHUNK)
+    for start in range(0, u.shape[2], chunk):
+        piece = slice(start, start + chunk)
         out, h = selective_scan_reference(
             u[..., piece], delta[..., piece], A, B[..., piece], C[..., piece], D,
             None if z is None else z[..., piece], delta_bias, delta_softplus, True, h)
@@ -81,17 +89,19 @@ def _launch_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state):
     return tensors, sizes, pointers
 
 
-def _kernel_forward(launch, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
+def _kernel_forward(launch, chunk, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
+    """Runs ``launch`` (a module binding's form), saving the state every ``chunk`` positions."""
     tensors, sizes, pointers = _launch_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
     batch, dim, length = u.shape
     out = torch.empty_like(u, memory_format=torch.contiguous_format)
-    chunk_states = u.new_empty(batch, dim, num_chunks(length), A.shape[1], dtype=torch.float32)
+    chunk_states = u.new_empty(batch, dim, -(-length // chunk), A.shape[1], dtype=torch.float32)
     launch(sizes, pointers, delta_softplus, out.data_ptr(), chunk_states.data_ptr(), _backend.DTYPE_CODES[u.dtype])
     return out, chunk_states
 
 
-def _kernel_backward(launch, per_tile_dBC: bool, dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
+def _kernel_backward(launch, tiles_per_group, dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
                      initial_state, chunk_states, delta_softplus):
+    """Runs ``launch``; the kernel writes dB and dC as ``tiles_per_group`` partial sums, summed here."""
     tensors, sizes, pointers = _launch_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
     batch, dim, length = u.shape
     groups, nstate = B.shape[1], A.shape[1]
@@ -106,18 +116,12 @@ def _kernel_backward(launch, per_tile_dBC: bool, dout, dlast_state, u, delta, A,
     dD = torch.empty(batch, dim, **f32)
     dbias = torch.empty(batch, dim, **f32)
     dinit = torch.empty(batch, dim, nstate, **f32)
-    if per_tile_dBC:  # CPU: one slice per channel tile, summed here
-        tiles = -(-(dim // groups) // CPU_LANES)
-        dB = torch.empty(batch, groups, tiles, nstate, length, **f32)
-    else:  # CUDA: accumulated in place
-        dB = torch.zeros(batch, groups, nstate, length, **f32)
-    dC = torch.zeros_like(dB) if not per_tile_dBC else torch.empty_like(dB)
+    dB = torch.empty(batch, groups, tiles_per_group, nstate, length, **f32)
+    dC = torch.empty_like(dB)
     grads = [dout, dlast_state, chunk_states, du, ddelta, dz, dA, dD, dbias, dinit, dB, dC]
     launch(sizes, pointers, delta_softplus, [0 if t.numel() == 0 else t.data_ptr() for t in grads],
            _backend.DTYPE_CODES[u.dtype])
-    if per_tile_dBC:
-        dB, dC = dB.sum(2), dC.sum(2)
-    return (du, ddelta, dA.sum(0), dB.to(B.dtype), dC.to(C.dtype), dD.sum(0), dz, dbias.sum(0), dinit)
+    return (du, ddelta, dA.sum(0), dB.sum(2).to(B.dtype), dC.sum(2).to(C.dtype), dD.sum(0), dz, dbias.sum(0), dinit)
 
 
 # ---- custom ops -------------------------------------------------------------------------------------
@@ -126,13 +130,15 @@ def _kernel_backward(launch, per_tile_dBC: bool, dout, dlast_state, u, delta, A,
 def _scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
               D: torch.Tensor | None, z: torch.Tensor | None, delta_bias: torch.Tensor | None,
               initial_state: torch.Tensor | None, delta_softplus: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _reference_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus)
+    return _reference_forward(chunk_length(u.device), u, delta, A, B, C, D, z, delta_bias, initial_state,
+                              delta_softplus)
 
 
 @_scan_fwd.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
     batch, dim, length = u.shape
-    states = u.new_empty(batch, dim, num_chunks(length), A.shape[1], dtype=compute_dtype(u, delta, A, B, C, D))
+    states = u.new_empty(batch, dim, num_chunks(length, u.device), A.shape[1],
+                         dtype=compute_dtype(u, delta, A, B, C, D))
     return torch.empty_like(u, memory_format=torch.contiguous_format), states
 
 
@@ -142,9 +148,9 @@ def _(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
     if _kernel_ok(*args):
         if _backend.has_cpu_kernels():
             launch = lambda *a: _backend._C.selective_scan_fwd_cpu(*a, _backend.cpu_threads())  # noqa: E731
-            return _kernel_forward(launch, *args, delta_softplus)
+            return _kernel_forward(launch, SCAN_CHUNK, *args, delta_softplus)
         _backend.warn_once("selective_scan_cpu", _backend.missing_kernel_message("selective_scan", u.device))
-    return _reference_forward(*args, delta_softplus)
+    return _reference_forward(chunk_length(u.device), *args, delta_softplus)
 
 
 def _has_cuda_scan() -> bool:
@@ -158,11 +164,11 @@ def _(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
         if _has_cuda_scan():
             stream = _backend.cuda_stream(u.device)
             launch = lambda *a: _backend._C.selective_scan_fwd_cuda(*a, u.device.index, stream)  # noqa: E731
-            return _kernel_forward(launch, *args, delta_softplus)
+            return _kernel_forward(launch, SCAN_CHUNK_CUDA, *args, delta_softplus)
         # The next fastest GPU path: PyTorch ops on the same device, never a copy to the CPU.
         _backend.warn_once("selective_scan_cuda", _backend.missing_kernel_message("selective_scan", u.device)
                            + "; using the PyTorch implementation on the GPU meanwhile")
-    return _reference_forward(*args, delta_softplus)
+    return _reference_forward(chunk_length(u.device), *args, delta_softplus)
 
 
 @torch.library.custom_op("fastllm::selective_scan_bwd", mutates_args=())
@@ -191,7 +197,8 @@ def _(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, chu
     args = (u, delta, A, B, C, D, z, delta_bias, initial_state)
     if _kernel_ok(*args) and _backend.has_cpu_kernels():
         launch = lambda *a: _backend._C.selective_scan_bwd_cpu(*a, _backend.cpu_threads())  # noqa: E731
-        return _kernel_backward(launch, True, dout, dlast_state, *args, chunk_states, delta_softplus)
+        tiles = -(-(u.shape[1] // B.shape[1]) // CPU_LANES)
+        return _kernel_backward(launch, tiles, dout, dlast_state, *args, chunk_states, delta_softplus)
     return _reference_backward(dout, dlast_state, *args, delta_softplus)
 
 
@@ -201,7 +208,8 @@ def _(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, chu
     if _kernel_ok(*args) and _has_cuda_scan():
         stream = _backend.cuda_stream(u.device)
         launch = lambda *a: _backend._C.selective_scan_bwd_cuda(*a, u.device.index, stream)  # noqa: E731
-        return _kernel_backward(launch, False, dout, dlast_state, *args, chunk_states, delta_softplus)
+        tiles = _backend._C.selective_scan_cuda_tiles(u.shape[1] // B.shape[1], A.shape[1])
+        return _kernel_backward(launch, tiles, dout, dlast_state, *args, chunk_states, delta_softplus)
     return _reference_backward(dout, dlast_state, *args, delta_softplus)
 
 

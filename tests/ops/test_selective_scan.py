@@ -1,8 +1,11 @@
+import ctypes
+
 import pytest
 import torch
 
 from fastllm.ops import _backend, use_backend
-from fastllm.ops.selective_scan import SCAN_CHUNK, selective_scan
+from fastllm.ops.selective_scan import (SCAN_CHUNK, SCAN_CHUNK_CUDA, _kernel_backward, _kernel_forward,
+                                         _reference_backward, _reference_forward, selective_scan)
 from fastllm.ops.selective_scan_ref import (selective_scan_backward_reference, selective_scan_parallel,
                                              selective_scan_reference)
 from fastllm.testing import BACKWARD_FACTOR, assert_error_ratio, requires_cuda
@@ -129,6 +132,8 @@ def test_chunk_size_matches_compiled_module():
     if _backend._C is None:
         pytest.skip("fastllm._C not built")
     assert _backend._C.selective_scan_chunk == SCAN_CHUNK
+    if hasattr(_backend._C, "selective_scan_cuda_chunk"):  # built with nvcc
+        assert _backend._C.selective_scan_cuda_chunk == SCAN_CHUNK_CUDA
 
 
 def test_opcheck():
@@ -231,3 +236,68 @@ def test_cuda_low_precision_inputs(dtype):
 @requires_cuda
 def test_cuda_long_sequence_bf16():
     _check(dict(batch=2, dim=37, length=3 * SCAN_CHUNK + 5, nstate=16, groups=1), torch.bfloat16, device="cuda")
+
+
+# ---- the CUDA kernels on the CPU (tests/cuda_emulator): their tiling, chunks and reductions ----------
+
+EMULATED_CASES = [
+    dict(batch=2, dim=5, length=150, nstate=16),  # two chunks and a partial one
+    dict(batch=1, dim=3, length=1, nstate=1),
+    dict(batch=2, dim=6, length=37, nstate=5, groups=3, z=False, initial=False),  # N not a multiple of 4
+    dict(batch=1, dim=40, length=70, nstate=16, groups=1, D=False, bias=False, softplus=False),  # 2 blocks
+    dict(batch=1, dim=2, length=21, nstate=130, D=False, initial=False),  # 8 states per lane
+]
+
+
+class _Emulated:
+    """The emulator's entry points, called like the module's selective_scan_{fwd,bwd}_cuda."""
+
+    def __init__(self, lib):
+        self.lib = lib
+        lib.emulated_scan_tiles.restype = lib.emulated_scan_chunk.restype = ctypes.c_int64
+        lib.emulated_scan_tiles.argtypes = [ctypes.c_int64, ctypes.c_int64]
+        lib.emulated_scan_forward.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_bool, ctypes.c_uint64,
+                                              ctypes.c_uint64, ctypes.c_int]
+        lib.emulated_scan_backward.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_bool, ctypes.c_void_p,
+                                               ctypes.c_int]
+
+    @staticmethod
+    def _array(ctype, values):
+        return (ctype * len(values))(*values)
+
+    def forward(self, sizes, pointers, softplus, out, states, dtype):
+        self.lib.emulated_scan_forward(self._array(ctypes.c_int64, sizes), self._array(ctypes.c_uint64, pointers),
+                                       softplus, out, states, dtype)
+
+    def backward(self, sizes, pointers, softplus, grads, dtype):
+        self.lib.emulated_scan_backward(self._array(ctypes.c_int64, sizes), self._array(ctypes.c_uint64, pointers),
+                                        softplus, self._array(ctypes.c_uint64, grads), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", EMULATED_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_cuda_kernels_under_emulator(cuda_emulator, case, dtype):
+    emulated = _Emulated(cuda_emulator("selective_scan.cpp"))
+    assert emulated.lib.emulated_scan_chunk() == SCAN_CHUNK_CUDA
+    inputs, softplus = make_inputs(**case, dtype=dtype)
+    if inputs["B"].dim() == 3:
+        inputs["B"], inputs["C"] = inputs["B"].unsqueeze(1), inputs["C"].unsqueeze(1)
+    args = [inputs[k] for k in NAMES]
+    args64 = [None if x is None else x.double() for x in args]
+
+    out, states = _kernel_forward(emulated.forward, SCAN_CHUNK_CUDA, *args, softplus)
+    ref_out, ref_states = _reference_forward(SCAN_CHUNK_CUDA, *args64, softplus)
+    base_out, base_states = _reference_forward(SCAN_CHUNK_CUDA, *args, softplus)
+    assert_error_ratio("out", out, ref_out, base_out)
+    assert_error_ratio("chunk_states", states, ref_states, base_states)
+
+    batch, dim, _ = inputs["u"].shape
+    groups, nstate = inputs["B"].shape[1], inputs["A"].shape[1]
+    dout, dlast = torch.randn_like(out), torch.randn(batch, dim, nstate)
+    tiles = emulated.lib.emulated_scan_tiles(dim // groups, nstate)
+    grads = _kernel_backward(emulated.backward, tiles, dout, dlast, *args, states, softplus)
+    ref_grads = _reference_backward(dout.double(), dlast.double(), *args64, softplus)
+    base_grads = _reference_backward(dout, dlast, *args, softplus)
+    for name, x, grad, ref, base in zip(NAMES, args, grads, ref_grads, base_grads):
+        if x is not None:
+            assert_error_ratio(f"d{name}", grad, ref, base, factor=BACKWARD_FACTOR)
