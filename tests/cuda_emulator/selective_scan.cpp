@@ -1,9 +1,11 @@
-// The CUDA selective-scan kernels, run by the CPU emulator (cuda_emulator.h) behind a C interface
-// with the same arguments as the module's selective_scan_{fwd,bwd}_cuda bindings.
+// The CUDA selective-scan and decoding-step kernels, run by the CPU emulator (cuda_emulator.h) behind a
+// C interface with the same arguments as the module's selective_scan_{fwd,bwd}_cuda and
+// selective_state_update_cuda bindings.
 #include <cstdint>
 #include <cstring>
 
 #include "selective_scan/selective_scan_kernels.cuh"
+#include "selective_scan/state_update_kernels.cuh"
 
 using fastllm::ScanArgs;
 using fastllm::ScanBackwardArgs;
@@ -67,6 +69,19 @@ void emulated_scan_backward(const int64_t* sizes, const uintptr_t* inputs, bool 
   for (float* x : {g.dB, g.dC}) poison(x, partials * args.length * sizeof(float));
   fastllm::scan_cuda::with_backward_kernel(args, dtype, [&](auto kernel, dim3 grid, size_t bytes) {
     cuda_emulator::launch(grid, dim3{fastllm::scan_cuda::kThreads}, bytes, kernel, args, g);
+  });
+}
+
+// sizes: (batch, dim, nstate, groups); pointers: (state, x, dt, A, B, C, D, z, dt_bias, out).
+void emulated_state_update(const int64_t* s, const uintptr_t* p, bool softplus, int dtype) {
+  auto f = [](uintptr_t x) { return reinterpret_cast<const float*>(x); };
+  auto v = [](uintptr_t x) { return reinterpret_cast<const void*>(x); };
+  const fastllm::StateUpdateArgs args{s[0], s[1], s[2], s[3], reinterpret_cast<float*>(p[0]), v(p[1]), v(p[2]),
+                                      f(p[3]), v(p[4]), v(p[5]), f(p[6]), v(p[7]), f(p[8]), softplus,
+                                      reinterpret_cast<void*>(p[9])};
+  poison(args.out, args.batch * args.dim * element_bytes(dtype));
+  fastllm::state_update_cuda::with_state_update_kernel(args, dtype, [&](auto kernel, dim3 grid) {
+    cuda_emulator::launch(grid, dim3{fastllm::state_update_cuda::kThreads}, 0, kernel, args);
   });
 }
 

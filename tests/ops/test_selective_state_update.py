@@ -1,9 +1,11 @@
+import ctypes
+
 import pytest
 import torch
 
 from fastllm.ops.selective_scan import selective_scan
 from fastllm.ops.selective_scan_ref import selective_scan_reference
-from fastllm.ops.selective_state_update import selective_state_update
+from fastllm.ops.selective_state_update import _launch, selective_state_update
 from fastllm.ops.selective_state_update_ref import selective_state_update_reference
 from fastllm.testing import assert_error_ratio, requires_cuda
 
@@ -34,7 +36,7 @@ def test_steps_equal_the_scan(groups, nstate, device="cpu"):
     state = s["initial_state"].clone()
     stepped = step_through(selective_state_update, s, state)
     out, last = selective_scan(**s, delta_softplus=True, return_last_state=True)
-    # Same per-position math as the CPU scan; the CUDA scan composes maps over a warp (other rounding).
+    # Same per-position math as the CPU scan; the CUDA scan computes exp on the special-function unit.
     tol = 1e-5 if device == "cpu" else 1e-4
     torch.testing.assert_close(stepped, out, rtol=tol, atol=tol)
     torch.testing.assert_close(state, last, rtol=tol, atol=tol)
@@ -121,3 +123,29 @@ def test_cuda_steps_equal_the_scan(groups):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_cuda_matches_fp64_reference(dtype):
     test_matches_fp64_reference(dtype, device="cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("nstate,groups", [(16, 5), (1, 1), (40, 2), (64, 10)])
+def test_cuda_kernel_under_emulator(cuda_emulator, nstate, groups, dtype):
+    """The CUDA kernel run on the CPU by tests/cuda_emulator: lanes past N, states past 32, groups."""
+    lib = cuda_emulator("selective_scan.cpp")
+    lib.emulated_state_update.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_bool, ctypes.c_int]
+
+    def emulated(sizes, pointers, softplus, dtype_code):
+        lib.emulated_state_update((ctypes.c_int64 * 4)(*sizes), (ctypes.c_uint64 * 10)(*pointers), softplus,
+                                  dtype_code)
+
+    s = make_sequence(3, 10, 4, nstate, groups=groups, dtype=dtype)
+    state, state64, state32 = s["initial_state"].clone(), s["initial_state"].double(), s["initial_state"].clone()
+    s64 = {k: v.double() for k, v in s.items()}
+    for t in range(4):
+        step = [s["u"][..., t], s["delta"][..., t], s["A"], s["B"][..., t], s["C"][..., t], s["D"], s["z"][..., t],
+                s["delta_bias"]]
+        out = _launch(emulated, state, *step, True)
+        ref = selective_state_update_reference(state64, s64["u"][..., t], s64["delta"][..., t], s64["A"],
+                                               s64["B"][..., t], s64["C"][..., t], s64["D"], s64["z"][..., t],
+                                               s64["delta_bias"], True)
+        base = selective_state_update_reference(state32, *step, True)
+        assert_error_ratio("out", out, ref, base)
+        assert_error_ratio("state", state, state64, state32)
