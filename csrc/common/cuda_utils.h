@@ -16,8 +16,13 @@ inline void check_cuda(cudaError_t status, const char* what) {
 }
 
 // The module links its own (static) CUDA runtime, whose current device is independent of torch's:
-// every launcher selects the tensors' device explicitly.
-inline void set_device(int device) { check_cuda(cudaSetDevice(device), "cudaSetDevice"); }
+// every launcher selects the tensors' device explicitly (only when it changes: launches stay cheap,
+// also inside CUDA graph capture).
+inline void set_device(int device) {
+  int current = -1;
+  check_cuda(cudaGetDevice(&current), "cudaGetDevice");
+  if (current != device) check_cuda(cudaSetDevice(device), "cudaSetDevice");
+}
 
 inline int multiprocessor_count(int device) {
   static int cached[64] = {0};

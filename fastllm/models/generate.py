@@ -25,14 +25,46 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+class _GraphedStep:
+    """model(ids, cache=cache) for one token as a CUDA graph, captured once and replayed per token, so
+    that small-batch decoding is not bound by Python and kernel launches (some 20 kernels per layer).
+    For caches whose step has fixed shapes and buffers (``cache.step_state()`` is not None)."""
+
+    def __init__(self, model, cache, ids: torch.Tensor):
+        self.cache, self.ids = cache, ids.clone()
+        saved, pos = [t.clone() for t in cache.step_state()], cache.pos
+        cache.pos = 0  # the warm-up and the capture only need room for one token each
+        # Warm up on a side stream first (lazy initialisation, autotuning), as capture requires.
+        side = torch.cuda.Stream(self.ids.device)
+        side.wait_stream(torch.cuda.current_stream(self.ids.device))
+        with torch.cuda.stream(side):
+            model(self.ids, cache=cache)
+        torch.cuda.current_stream(self.ids.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = model(self.ids, cache=cache)[:, -1]
+        for state, before in zip(cache.step_state(), saved):
+            state.copy_(before)
+        cache.pos = pos
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        """The last position's logits (a buffer the next call overwrites)."""
+        self.cache.check_room(*ids.shape)  # the replay runs kernels only: the bookkeeping is done here
+        self.ids.copy_(ids)
+        self.graph.replay()
+        self.cache.advance(ids.shape[1])
+        return self.logits
+
+
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None, cuda_graph: bool = True) -> torch.Tensor:
     """Extends input_ids (B, T0) by up to ``max_new_tokens`` sampled tokens: (B, T0 + new).
 
     A row that produced ``eos_id`` continues with ``eos_id``; sampling stops early once every row has.
-    The model runs in eval mode and is returned to its previous mode.
+    The model runs in eval mode and is returned to its previous mode. With ``cuda_graph``, on a CUDA
+    device, models with a recurrent state (Mamba) replay their decoding step as a CUDA graph.
     """
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be (batch, seq) with seq >= 1, got shape {tuple(input_ids.shape)}")
@@ -52,6 +84,9 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
         tokens = [input_ids]
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         logits = model(input_ids, cache=cache)[:, -1]
+        step_model = lambda ids: model(ids, cache=cache)[:, -1]  # noqa: E731
+        if cuda_graph and input_ids.is_cuda and max_new_tokens > 1 and cache.step_state() is not None:
+            step_model = _GraphedStep(model, cache, input_ids[:, -1:])
         for step in range(max_new_tokens):
             next_ids = sample_next(logits, temperature, top_k, top_p, generator)
             if eos_id is not None:
@@ -60,7 +95,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
             tokens.append(next_ids[:, None])
             if step + 1 == max_new_tokens or (eos_id is not None and bool(finished.all())):
                 break
-            logits = model(next_ids[:, None], cache=cache)[:, -1]
+            logits = step_model(next_ids[:, None])
         return torch.cat(tokens, dim=1)
     finally:
         model.train(was_training)

@@ -21,6 +21,11 @@ class SequenceCache:
     def advance(self, new_tokens: int) -> None:
         self.pos += new_tokens
 
+    def step_state(self) -> tuple[torch.Tensor, ...] | None:
+        """The tensors a one-token step reads and rewrites in place, when every step has the same shapes
+        and buffers (a recurrent state: the step can be replayed as a CUDA graph); None otherwise."""
+        return None
+
 
 class KVCache(SequenceCache):
     """Keys and values of the tokens seen so far, (n_layers, B, n_kv_heads, max_seq_len, head_dim).

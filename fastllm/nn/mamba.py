@@ -42,6 +42,9 @@ class MambaCache(SequenceCache):
         self.ssm_state.zero_()
         self.pos = 0
 
+    def step_state(self) -> tuple[torch.Tensor, ...]:
+        return self.conv_state, self.ssm_state
+
 
 class MambaMixer(nn.Module):
     def __init__(self, dim: int, d_state: int = 16, d_conv: int = 4, expand: int = 2, dt_rank: int | None = None,
