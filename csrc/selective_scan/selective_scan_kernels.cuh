@@ -2,10 +2,11 @@
 // without launch syntax, so tests/cuda_emulator also runs it on the CPU.
 //
 // Lanes own states, not positions. A channel's N states are spread over `lanes` consecutive lanes,
-// K each, and every lane walks L in order with its states in registers: no scan across lanes, one
-// exp per (position, state), and per position one shuffle sum of y over the channel's lanes. A
-// block of kThreads lanes covers `channels` channels of one group; per tile of positions it stages
-// delta', u and its group's B, C in shared memory, so global loads and stores run along L.
+// K each, and every lane walks L in order with its states in registers: no scan across lanes and
+// one exp per (position, state). A block of kThreads lanes covers `channels` channels of one group;
+// per tile of positions it stages delta', u and its group's B, C in shared memory, so global loads
+// and stores run along L. Sums over a channel's states (y, and the backward's per-position terms)
+// leave each lane as a share in shared memory, added up by the thread that writes the position.
 //
 // The forward saves the state at the end of every chunk of kCudaScanChunk positions. The backward
 // walks the chunks in reverse: pass 1 recomputes, from the saved state, the state entering each tile
@@ -20,7 +21,6 @@ namespace fastllm {
 namespace scan_cuda {
 
 constexpr int kThreads = 128;
-constexpr unsigned kFullMask = 0xffffffffu;
 // log2(e) in two parts: A log2(e) is kept as hi + lo, so delta A log2(e) rounds once.
 constexpr float kLog2eHi = 1.44269502162933349609375f;
 constexpr float kLog2eLo = 1.925962991126617468e-8f;
@@ -97,12 +97,6 @@ struct LaneStates {
   __device__ bool owns(int k, int64_t nstate) const { return active && state(k) < nstate; }
 };
 
-// Sum of x over the lanes of one channel (all of them get the sum).
-__device__ __forceinline__ float channel_sum(float x, int lanes) {
-  for (int offset = lanes / 2; offset > 0; offset /= 2) x += __shfl_xor_sync(kFullMask, x, offset);
-  return x;
-}
-
 // K consecutive floats from shared memory (16-byte aligned).
 template <int K>
 __device__ __forceinline__ void load_states(const float* p, float (&v)[K]) {
@@ -158,14 +152,17 @@ struct DecayRates {
 template <int K>
 struct ForwardShared {
   static constexpr int kTile = Layout<K>::kForwardTile, kPitch = kTile + 1;  // odd pitch: 8 channels, 8 banks
-  float *delta, *u, *y;  // per channel: delta', u, and y from the lanes with sub == 0
-  float *b, *c;          // [position][padded]
+  float *delta, *u;  // per channel: delta', u
+  float *y_part;     // [position][lane]: each lane's share of y, summed over a channel's lanes on output
+  float *b, *c;      // [position][padded]
 
-  FASTLLM_HD static int64_t floats(const Layout<K>& lay) { return 3 * lay.channels * kPitch + 2 * kTile * lay.padded; }
+  FASTLLM_HD static int64_t floats(const Layout<K>& lay) {
+    return 2 * lay.channels * kPitch + kTile * kThreads + 2 * kTile * lay.padded;
+  }
   FASTLLM_HD ForwardShared(float* base, const Layout<K>& lay) {
     const int rows = lay.channels * kPitch;
-    delta = base, u = delta + rows, y = u + rows;
-    b = y + rows, c = b + kTile * lay.padded;
+    delta = base, u = delta + rows, y_part = u + rows;
+    b = y_part + kTile * kThreads, c = b + kTile * lay.padded;
   }
 };
 
@@ -213,8 +210,7 @@ __global__ void __launch_bounds__(kThreads) scan_forward_kernel(const ScanArgs a
         h[k] = fmaf(rates.decay(k, delta), h[k], delta_u * bt[k]);
         y = fmaf(ct[k], h[k], y);
       }
-      y = channel_sum(y, lay.lanes);
-      if (lane.sub == 0) sm.y[lane.channel * kPitch + t] = y;
+      sm.y_part[t * kThreads + threadIdx.x] = y;
     }
     const int64_t end = t0 + len;
     if (end % kCudaScanChunk == 0 || end == L) {
@@ -230,7 +226,9 @@ __global__ void __launch_bounds__(kThreads) scan_forward_kernel(const ScanArgs a
       const int64_t at = first_row + c * L + t0 + t;
       const float d_skip = a.D ? a.D[blk.first + c] : 0.0f;
       const float zt = z ? load_float(z, at) : 0.0f;
-      store_float(static_cast<T*>(o.out), at, ss_output(sm.y[c * kPitch + t], sm.u[c * kPitch + t], d_skip, z, zt));
+      float y = 0.0f;
+      for (int sub = 0; sub < lay.lanes; ++sub) y += sm.y_part[t * kThreads + c * lay.lanes + sub];
+      store_float(static_cast<T*>(o.out), at, ss_output(y, sm.u[c * kPitch + t], d_skip, z, zt));
     });
   }
 }
@@ -241,20 +239,24 @@ struct BackwardShared {
   static constexpr int kTile = Layout<K>::kBackwardTile, kPitch = kTile + 1;
   static constexpr int kReducePitch = kThreads * K + 4;  // + 4: the 8 positions of a warp's reads hit 8 bank groups
   float *delta, *u, *dy, *dsoftplus;  // staged per channel: delta', u, dL/dy, d delta' / d delta
-  float *du, *ddelta, *y;             // per channel results of the lanes with sub == 0
+  // [position][lane]: each lane's share of sum_n g B, sum_n g exp(delta A) h_{t-1} A and sum_n C h,
+  // summed over a channel's lanes on output.
+  float *grad_bu, *grad_delta_a, *y;
+  float *d_skip_sum, *bias_sum;       // [channel][position in tile]: running sums of dL/dD, dL/d delta_bias
   float *b, *c;                       // [position][padded]
   float *reduce;                      // [position][kReducePitch]: each lane's dB or dC terms, at lane * K
   float *entry;                       // [tile of the chunk][kThreads * K]: the state entering each tile
 
   FASTLLM_HD static int64_t floats(const Layout<K>& lay) {
-    return 7 * lay.channels * kPitch + 2 * kTile * lay.padded + kTile * kReducePitch +
-           Layout<K>::kTilesPerChunk * kThreads * K;
+    return 4 * lay.channels * kPitch + 3 * kTile * kThreads + 2 * lay.channels * kTile + 2 * kTile * lay.padded +
+           kTile * kReducePitch + Layout<K>::kTilesPerChunk * kThreads * K;
   }
   FASTLLM_HD BackwardShared(float* base, const Layout<K>& lay) {
-    const int rows = lay.channels * kPitch;
+    const int rows = lay.channels * kPitch, parts = kTile * kThreads, sums = lay.channels * kTile;
     delta = base, u = delta + rows, dy = u + rows, dsoftplus = dy + rows;
-    du = dsoftplus + rows, ddelta = du + rows, y = ddelta + rows;
-    b = y + rows, c = b + kTile * lay.padded;
+    grad_bu = dsoftplus + rows, grad_delta_a = grad_bu + parts, y = grad_delta_a + parts;
+    d_skip_sum = y + parts, bias_sum = d_skip_sum + sums;
+    b = bias_sum + sums, c = b + kTile * lay.padded;
     reduce = c + kTile * lay.padded, entry = reduce + kTile * kReducePitch;
   }
 };
@@ -275,8 +277,9 @@ __device__ void sum_over_channels(const BackwardShared<K>& sm, const Layout<K>& 
   }
 }
 
+// 4 blocks per SM: at most 128 registers, as many blocks as the shared memory (~53 KiB each) allows.
 template <typename T, int K>
-__global__ void __launch_bounds__(kThreads) scan_backward_kernel(const ScanArgs a, const ScanBackwardArgs gr) {
+__global__ void __launch_bounds__(kThreads, 4) scan_backward_kernel(const ScanArgs a, const ScanBackwardArgs gr) {
   using Lay = Layout<K>;
   using Shared = BackwardShared<K>;
   constexpr int kTile = Lay::kBackwardTile, kPitch = Shared::kPitch;
@@ -295,7 +298,6 @@ __global__ void __launch_bounds__(kThreads) scan_backward_kernel(const ScanArgs 
   // This block's slice of the (batch, groups, blocks per group, N, L) partial sums of dB and dC.
   const int64_t partial_base = (((b * a.groups + blk.group) * lay.blocks_per_group(a.dim / a.groups) +
                                  blk.index_in_group) * N) * L;
-  const float d_skip = lane.active && a.D ? a.D[lane.d] : 0.0f;
   float* my_entry = sm.entry + threadIdx.x * K;
   float* my_reduce = sm.reduce + threadIdx.x * K;
 
@@ -303,7 +305,7 @@ __global__ void __launch_bounds__(kThreads) scan_backward_kernel(const ScanArgs 
   float q[K], dA[K] = {};
 #pragma unroll
   for (int k = 0; k < K; ++k) q[k] = lane.owns(k, N) && gr.dlast_state ? gr.dlast_state[bd * N + lane.state(k)] : 0.0f;
-  float dD = 0.0f, dbias = 0.0f;  // summed by the lanes with sub == 0
+  for (int i = threadIdx.x; i < lay.channels * kTile; i += kThreads) sm.d_skip_sum[i] = sm.bias_sum[i] = 0.0f;
 
   // Stage delta' and u (and, for pass 2, dL/dy and d delta'/d delta) of one tile.
   auto stage = [&](int64_t t0, int len, bool gradients) {
@@ -407,30 +409,31 @@ __global__ void __launch_bounds__(kThreads) scan_backward_kernel(const ScanArgs 
           q[k] = decay * g;
         }
         store_states<K>(my_reduce + t * Shared::kReducePitch, db);
-        grad_bu = channel_sum(grad_bu, lay.lanes);
-        grad_delta_a = channel_sum(grad_delta_a, lay.lanes);
-        if (z) y = channel_sum(y, lay.lanes);
-        if (lane.sub == 0) {
-          const float ddelta = fmaf(u, grad_bu, grad_delta_a) * sm.dsoftplus[slot];
-          sm.du[slot] = fmaf(delta, grad_bu, d_skip * dy);
-          sm.ddelta[slot] = ddelta;
-          sm.y[slot] = y;
-          dD = fmaf(dy, u, dD);
-          dbias += ddelta;
-        }
+        const int part = t * kThreads + threadIdx.x;
+        sm.grad_bu[part] = grad_bu, sm.grad_delta_a[part] = grad_delta_a, sm.y[part] = y;
       }
       __syncthreads();
       sum_over_channels<K>(sm, lay, blk.count, N, L, len, gr.dB + partial_base + t0);
+      // Per (channel, position), always by the same thread: the running sums need no atomics.
       for_each_in_tile(blk.count, kTile, [&](int c, int t) {
         if (t >= len) return;
+        float grad_bu = 0.0f, grad_delta_a = 0.0f, y = 0.0f;
+        for (int sub = 0; sub < lay.lanes; ++sub) {
+          const int part = t * kThreads + c * lay.lanes + sub;
+          grad_bu += sm.grad_bu[part], grad_delta_a += sm.grad_delta_a[part], y += sm.y[part];
+        }
         const int64_t at = first_row + c * L + t0 + t;
         const int slot = c * kPitch + t;
-        store_float(static_cast<T*>(gr.du), at, sm.du[slot]);
-        store_float(static_cast<T*>(gr.ddelta), at, sm.ddelta[slot]);
+        const float delta = sm.delta[slot], u = sm.u[slot], dy = sm.dy[slot];
+        const float d_skip = a.D ? a.D[blk.first + c] : 0.0f;
+        const float ddelta = fmaf(u, grad_bu, grad_delta_a) * sm.dsoftplus[slot];
+        store_float(static_cast<T*>(gr.du), at, fmaf(delta, grad_bu, d_skip * dy));
+        store_float(static_cast<T*>(gr.ddelta), at, ddelta);
+        sm.d_skip_sum[c * kTile + t] = fmaf(dy, u, sm.d_skip_sum[c * kTile + t]);
+        sm.bias_sum[c * kTile + t] += ddelta;
         if (z) {
           float dy_unused, dz;
-          ss_output_grad(load_float(dout, at), sm.y[slot], sm.u[slot], a.D ? a.D[blk.first + c] : 0.0f, true,
-                         load_float(z, at), dy_unused, dz);
+          ss_output_grad(load_float(dout, at), y, u, d_skip, true, load_float(z, at), dy_unused, dz);
           store_float(static_cast<T*>(gr.dz), at, dz);
         }
       });
@@ -443,9 +446,12 @@ __global__ void __launch_bounds__(kThreads) scan_backward_kernel(const ScanArgs 
     gr.dA_partial[bd * N + lane.state(k)] = dA[k];
     gr.dinitial_state[bd * N + lane.state(k)] = q[k];
   }
-  if (lane.active && lane.sub == 0) {
-    gr.dD_partial[bd] = dD;
-    gr.ddelta_bias_partial[bd] = dbias;
+  __syncthreads();
+  for (int c = threadIdx.x; c < blk.count; c += kThreads) {
+    float d_skip = 0.0f, bias = 0.0f;
+    for (int t = 0; t < kTile; ++t) d_skip += sm.d_skip_sum[c * kTile + t], bias += sm.bias_sum[c * kTile + t];
+    gr.dD_partial[b * a.dim + blk.first + c] = d_skip;
+    gr.ddelta_bias_partial[b * a.dim + blk.first + c] = bias;
   }
 }
 
