@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 
@@ -34,18 +36,20 @@ class _GraphedStep:
         self.cache, self.ids = cache, ids.clone()
         saved, pos = [t.clone() for t in cache.step_state()], cache.pos
         cache.pos = 0  # the warm-up and the capture only need room for one token each
-        # Warm up on a side stream first (lazy initialisation, autotuning), as capture requires.
-        side = torch.cuda.Stream(self.ids.device)
-        side.wait_stream(torch.cuda.current_stream(self.ids.device))
-        with torch.cuda.stream(side):
-            model(self.ids, cache=cache)
-        torch.cuda.current_stream(self.ids.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = model(self.ids, cache=cache)[:, -1]
-        for state, before in zip(cache.step_state(), saved):
-            state.copy_(before)
-        cache.pos = pos
+        try:
+            # Warm up on a side stream first (lazy initialisation, autotuning), as capture requires.
+            side = torch.cuda.Stream(self.ids.device)
+            side.wait_stream(torch.cuda.current_stream(self.ids.device))
+            with torch.cuda.stream(side):
+                model(self.ids, cache=cache)
+            torch.cuda.current_stream(self.ids.device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = model(self.ids, cache=cache)[:, -1]
+        finally:
+            for state, before in zip(cache.step_state(), saved):
+                state.copy_(before)
+            cache.pos = pos
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         """The last position's logits (a buffer the next call overwrites)."""
@@ -86,7 +90,10 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
         logits = model(input_ids, cache=cache)[:, -1]
         step_model = lambda ids: model(ids, cache=cache)[:, -1]  # noqa: E731
         if cuda_graph and input_ids.is_cuda and max_new_tokens > 1 and cache.step_state() is not None:
-            step_model = _GraphedStep(model, cache, input_ids[:, -1:])
+            try:
+                step_model = _GraphedStep(model, cache, input_ids[:, -1:])
+            except RuntimeError as error:  # slower, never wrong: the step runs eagerly
+                warnings.warn(f"decoding without a CUDA graph, its capture failed: {error}", stacklevel=2)
         for step in range(max_new_tokens):
             next_ids = sample_next(logits, temperature, top_k, top_p, generator)
             if eos_id is not None:

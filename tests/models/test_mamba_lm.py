@@ -112,3 +112,4 @@ def test_cuda_graph_generation_equals_eager():
             runs.append(generate(model, prompt, 20, temperature=temperature, generator=generator,
                                  cuda_graph=cuda_graph))
         assert torch.equal(runs[0], runs[1])
+
