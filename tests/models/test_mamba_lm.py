@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 
@@ -109,7 +111,9 @@ def test_cuda_graph_generation_equals_eager():
         runs = []
         for cuda_graph in (False, True):
             generator = torch.Generator("cuda").manual_seed(3)
-            runs.append(generate(model, prompt, 20, temperature=temperature, generator=generator,
-                                 cuda_graph=cuda_graph))
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # a failed capture (eager fallback) fails the test
+                runs.append(generate(model, prompt, 20, temperature=temperature, generator=generator,
+                                     cuda_graph=cuda_graph))
         assert torch.equal(runs[0], runs[1])
 
