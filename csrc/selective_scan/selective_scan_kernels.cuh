@@ -470,9 +470,11 @@ dim3 grid_of(const ScanArgs& a) {
   return dim3{static_cast<unsigned>(blocks), static_cast<unsigned>(a.batch), 1};
 }
 
-// Calls launch(kernel, grid, shared bytes) with the forward kernel for the dtype code and N.
+// Calls launch(kernel, grid, shared bytes) with the forward kernel for the dtype code and N; nothing
+// when there is no channel (a grid may not be empty).
 template <typename Launch>
 void with_forward_kernel(const ScanArgs& a, int dtype, Launch&& launch) {
+  if (a.batch == 0 || a.dim == 0) return;
   auto pick = [&](auto element) {
     using T = decltype(element);
     if (states_per_lane(a.nstate) == 4)
@@ -491,6 +493,7 @@ void with_forward_kernel(const ScanArgs& a, int dtype, Launch&& launch) {
 // The same for the backward kernel.
 template <typename Launch>
 void with_backward_kernel(const ScanArgs& a, int dtype, Launch&& launch) {
+  if (a.batch == 0 || a.dim == 0) return;
   auto pick = [&](auto element) {
     using T = decltype(element);
     if (states_per_lane(a.nstate) == 4)

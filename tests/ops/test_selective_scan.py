@@ -246,6 +246,7 @@ EMULATED_CASES = [
     dict(batch=2, dim=6, length=37, nstate=5, groups=3, z=False, initial=False),  # N not a multiple of 4
     dict(batch=1, dim=40, length=70, nstate=16, groups=1, D=False, bias=False, softplus=False),  # 2 blocks
     dict(batch=1, dim=2, length=21, nstate=130, D=False, initial=False),  # 8 states per lane
+    dict(batch=0, dim=4, length=9, nstate=16),  # no launch
 ]
 
 
@@ -301,3 +302,13 @@ def test_cuda_kernels_under_emulator(cuda_emulator, case, dtype):
     for name, x, grad, ref, base in zip(NAMES, args, grads, ref_grads, base_grads):
         if x is not None:
             assert_error_ratio(f"d{name}", grad, ref, base, factor=BACKWARD_FACTOR)
+
+
+@requires_cuda
+def test_cuda_empty_batch_and_dim():
+    for batch, dim in ((0, 4), (2, 0)):
+        inputs, softplus = make_inputs(batch, dim, 9, 16, device="cuda")
+        out, last, leaves = run(selective_scan, inputs, softplus, grad=True)
+        assert out.shape == (batch, dim, 9) and last.shape == (batch, dim, 16)
+        (out.sum() + last.sum()).backward()
+        assert leaves["A"].grad is not None and not leaves["A"].grad.any()
