@@ -15,6 +15,8 @@
 // one partial per block (deterministic; the caller sums the partials).
 #pragma once
 
+#include <type_traits>
+
 #include "selective_scan/selective_scan.h"
 
 namespace fastllm {
@@ -470,43 +472,41 @@ dim3 grid_of(const ScanArgs& a) {
   return dim3{static_cast<unsigned>(blocks), static_cast<unsigned>(a.batch), 1};
 }
 
-// Calls launch(kernel, grid, shared bytes) with the forward kernel for the dtype code and N; nothing
-// when there is no channel (a grid may not be empty).
-template <typename Launch>
-void with_forward_kernel(const ScanArgs& a, int dtype, Launch&& launch) {
+// Calls pick(element, states per lane) with a value of the element type for the dtype code and an
+// std::integral_constant K for N; nothing when there is no channel (a grid may not be empty).
+template <typename Pick>
+void with_instantiation(const ScanArgs& a, int dtype, Pick&& pick) {
   if (a.batch == 0 || a.dim == 0) return;
-  auto pick = [&](auto element) {
-    using T = decltype(element);
-    if (states_per_lane(a.nstate) == 4)
-      launch(scan_forward_kernel<T, 4>, grid_of<4>(a), sizeof(float) * ForwardShared<4>::floats(Layout<4>(a.nstate)));
-    else
-      launch(scan_forward_kernel<T, 8>, grid_of<8>(a), sizeof(float) * ForwardShared<8>::floats(Layout<8>(a.nstate)));
+  auto by_states = [&](auto element) {
+    if (states_per_lane(a.nstate) == 4) return pick(element, std::integral_constant<int, 4>{});
+    pick(element, std::integral_constant<int, 8>{});
   };
   switch (static_cast<DType>(dtype)) {
-    case DType::Float32: return pick(float{});
-    case DType::BFloat16: return pick(bfloat16{});
-    case DType::Float16: return pick(float16{});
+    case DType::Float32: return by_states(float{});
+    case DType::BFloat16: return by_states(bfloat16{});
+    case DType::Float16: return by_states(float16{});
   }
   unsupported_dtypes("selective_scan", dtype, dtype);
+}
+
+// Calls launch(kernel, grid, shared bytes) with the forward kernel for the dtype code and N.
+template <typename Launch>
+void with_forward_kernel(const ScanArgs& a, int dtype, Launch&& launch) {
+  with_instantiation(a, dtype, [&](auto element, auto states) {
+    constexpr int K = decltype(states)::value;
+    launch(scan_forward_kernel<decltype(element), K>, grid_of<K>(a),
+           sizeof(float) * ForwardShared<K>::floats(Layout<K>(a.nstate)));
+  });
 }
 
 // The same for the backward kernel.
 template <typename Launch>
 void with_backward_kernel(const ScanArgs& a, int dtype, Launch&& launch) {
-  if (a.batch == 0 || a.dim == 0) return;
-  auto pick = [&](auto element) {
-    using T = decltype(element);
-    if (states_per_lane(a.nstate) == 4)
-      launch(scan_backward_kernel<T, 4>, grid_of<4>(a), sizeof(float) * BackwardShared<4>::floats(Layout<4>(a.nstate)));
-    else
-      launch(scan_backward_kernel<T, 8>, grid_of<8>(a), sizeof(float) * BackwardShared<8>::floats(Layout<8>(a.nstate)));
-  };
-  switch (static_cast<DType>(dtype)) {
-    case DType::Float32: return pick(float{});
-    case DType::BFloat16: return pick(bfloat16{});
-    case DType::Float16: return pick(float16{});
-  }
-  unsupported_dtypes("selective_scan", dtype, dtype);
+  with_instantiation(a, dtype, [&](auto element, auto states) {
+    constexpr int K = decltype(states)::value;
+    launch(scan_backward_kernel<decltype(element), K>, grid_of<K>(a),
+           sizeof(float) * BackwardShared<K>::floats(Layout<K>(a.nstate)));
+  });
 }
 
 }  // namespace scan_cuda
