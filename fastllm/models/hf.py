@@ -132,7 +132,7 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def from_pretrained(path, *, dtype: torch.dtype = torch.float32, device="cpu", **overrides):
-    """A fastllm model with the weights of the Hugging Face Llama/Apertus checkpoint directory ``path``.
+    """A fastllm model with the weights of the Hugging Face Llama/Apertus/Mamba checkpoint directory ``path``.
 
     Weights are cast to ``dtype`` (float32 by default: master weights for training) on ``device``;
     ``overrides`` sets fastllm-only config fields such as ``attention``.
@@ -154,8 +154,6 @@ def from_pretrained(path, *, dtype: torch.dtype = torch.float32, device="cpu", *
         if hf_name.endswith(("rotary_emb.inv_freq", "mlp.act_fn.beta", "mlp.act_fn.eps")):
             if hf_name.endswith("act_fn.beta") and not math.isclose(tensor.item(), _XIELU_BETA, rel_tol=1e-2):
                 raise ValueError(f"{hf_name} = {tensor.item()} but fastllm's xIELU has beta = {_XIELU_BETA}")
-            continue
-        if hf_name == "lm_head.weight" and config.tie_embeddings:
             continue
         state[_rename(hf_name, config.arch, to_fastllm=True)] = tensor
     return _build_loaded(config, state, path, dtype, device)
@@ -185,19 +183,17 @@ def save_pretrained(model, path, *, dtype: torch.dtype | None = None) -> None:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     dtype = dtype or next(model.parameters()).dtype
-    if config.arch == "mamba":
-        state = {name: t.detach().to("cpu", dtype).contiguous() for name, t in model.state_dict().items()}
-        save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    weights = {name: t.detach().to("cpu", dtype).contiguous() for name, t in model.state_dict().items()}
+    if config.arch == "mamba":  # fastllm's Mamba LM keeps transformers' parameter names
+        state = weights
         hf_config = {**config.to_hf_config(), "torch_dtype": str(dtype).removeprefix("torch.")}
-        (path / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-        return
-    state = {}
-    for name, tensor in model.state_dict().items():
-        state[_rename(name, config.arch, to_fastllm=False)] = tensor.detach().to("cpu", dtype).contiguous()
-    if config.arch == "apertus":
-        # transformers keeps xIELU's constants as buffers of every layer.
-        for i in range(config.n_layers):
-            state[f"model.layers.{i}.mlp.act_fn.beta"] = torch.tensor(_XIELU_BETA, dtype=dtype)
-            state[f"model.layers.{i}.mlp.act_fn.eps"] = torch.tensor(_XIELU_EPS, dtype=dtype)
+    else:
+        state = {_rename(name, config.arch, to_fastllm=False): t for name, t in weights.items()}
+        if config.arch == "apertus":
+            # transformers keeps xIELU's constants as buffers of every layer.
+            for i in range(config.n_layers):
+                state[f"model.layers.{i}.mlp.act_fn.beta"] = torch.tensor(_XIELU_BETA, dtype=dtype)
+                state[f"model.layers.{i}.mlp.act_fn.eps"] = torch.tensor(_XIELU_EPS, dtype=dtype)
+        hf_config = config_to_hf(config, dtype)
     save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
-    (path / "config.json").write_text(json.dumps(config_to_hf(config, dtype), indent=2) + "\n")
+    (path / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
