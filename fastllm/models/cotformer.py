@@ -33,7 +33,6 @@ from torch import nn
 from fastllm.models.registry import register_model
 from fastllm.models.transformer import TransformerConfig, TransformerLM
 from fastllm.nn import DecoderBlock, KVCache, RMSNorm, apply_rotary, rotary_tables
-from fastllm.nn.lm_head import logits_or_loss
 from fastllm.nn.attention import attention_mask
 
 
@@ -239,8 +238,7 @@ class CoTFormerLM(TransformerLM):
             x = layer(x, cos, sin, doc_ids, end_cache)
         if cache is not None:
             cache.advance(input_ids.shape[1])
-        x = self.norm(x)
-        return logits_or_loss(x, self.embed.weight if self.lm_head is None else self.lm_head.weight, labels)
+        return self.output(x, labels)
 
     def init_cache(self, batch_size: int, max_seq_len: int, device=None, dtype=None) -> KVCache:
         """One cache slot per block application: n_begin + n_repeat * n_middle + n_end."""

@@ -16,7 +16,6 @@ import torch
 from fastllm.models.registry import register_model
 from fastllm.models.transformer import TransformerConfig, TransformerLM
 from fastllm.nn import rotary_tables
-from fastllm.nn.lm_head import logits_or_loss
 from fastllm.nn.depth_weighted_average import DepthWeightedAverages
 
 
@@ -49,8 +48,7 @@ class DenseFormerLM(TransformerLM):
             x = dwa.after_block(i, layer(x, cos, sin, doc_ids, cache))
         if cache is not None:
             cache.advance(input_ids.shape[1])
-        x = self.norm(x)
-        return logits_or_loss(x, self.embed.weight if self.lm_head is None else self.lm_head.weight, labels)
+        return self.output(x, labels)
 
     def flops_per_token(self, seq_len: int) -> float:
         """The transformer's training FLOPs plus 6 per state and channel for each DWA (forward and backward)."""

@@ -135,7 +135,8 @@ class MambaLM(nn.Module):
         if cache is not None:
             cache.advance(input_ids.shape[1])
         x = self.backbone.norm_f(x)
-        return logits_or_loss(x, self.backbone.embeddings.weight if self.lm_head is None else self.lm_head.weight, labels)
+        weight = self.backbone.embeddings.weight if self.lm_head is None else self.lm_head.weight
+        return logits_or_loss(x, weight, labels)
 
     def init_cache(self, batch_size: int, max_seq_len: int, device=None, dtype=None) -> MambaCache:
         """Zero recurrent state for ``batch_size`` sequences (its size does not grow with max_seq_len)."""

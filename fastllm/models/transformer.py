@@ -128,8 +128,12 @@ class TransformerLM(nn.Module):
             x = layer(x, cos, sin, doc_ids, cache)
         if cache is not None:
             cache.advance(T)
-        x = self.norm(x)
-        return logits_or_loss(x, self.embed.weight if self.lm_head is None else self.lm_head.weight, labels)
+        return self.output(x, labels)
+
+    def output(self, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """The final norm, then logits or, with ``labels``, the summed loss (``logits_or_loss``)."""
+        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        return logits_or_loss(self.norm(x), weight, labels)
 
     def init_cache(self, batch_size: int, max_seq_len: int, device=None, dtype=None) -> KVCache:
         """An empty KV cache for ``batch_size`` sequences of up to ``max_seq_len`` tokens (default: the
