@@ -158,6 +158,7 @@ struct ScanArgs {
   const float* initial_state;  // (batch, dim, N)
   bool softplus;
   int64_t cpu_chunks() const { return (length + kScanChunk - 1) / kScanChunk; }
+  FASTLLM_HD int64_t cuda_chunks() const { return (length + kCudaScanChunk - 1) / kCudaScanChunk; }
 };
 
 struct ScanForwardOut {

@@ -67,18 +67,22 @@ struct Layout {
   FASTLLM_HD int64_t blocks_per_group(int64_t per_group) const { return (per_group + channels - 1) / channels; }
 };
 
-// The channels of block `block` (blocks never cross a group).
+// The channels of block `block` of batch row `batch` (blocks never cross a group).
 struct BlockChannels {
-  int64_t group, index_in_group, first;
+  int64_t batch, group, index_in_group, first;
   int count;
+  int64_t first_row;  // offset of channel `first`'s row in (batch, dim, L) tensors
+  int64_t bc_base;    // offset of the group's rows in (batch, groups, N, L) B and C
 
   template <int K>
-  FASTLLM_HD BlockChannels(const ScanArgs& a, const Layout<K>& lay, int64_t block) {
+  FASTLLM_HD BlockChannels(const ScanArgs& a, const Layout<K>& lay, int64_t block, int64_t batch) : batch(batch) {
     const int64_t per_group = a.dim / a.groups, blocks = lay.blocks_per_group(per_group);
     group = block / blocks;
     index_in_group = block % blocks;
     first = group * per_group + index_in_group * lay.channels;
     count = static_cast<int>(min64(lay.channels, per_group - index_in_group * lay.channels));
+    first_row = (batch * a.dim + first) * a.length;
+    bc_base = (batch * a.groups + group) * a.nstate * a.length;
   }
 };
 
@@ -174,13 +178,11 @@ __global__ void __launch_bounds__(kThreads) scan_forward_kernel(const ScanArgs a
   using Shared = ForwardShared<K>;
   constexpr int kTile = Shared::kTile, kPitch = Shared::kPitch;
   const Lay lay(a.nstate);
-  const BlockChannels blk(a, lay, blockIdx.x);
+  const BlockChannels blk(a, lay, blockIdx.x, blockIdx.y);
   const LaneStates<K> lane(lay, blk);
   const DecayRates<K> rates(a, lane);
   const Shared sm(dynamic_shared_floats(), lay);
-  const int64_t b = blockIdx.y, N = a.nstate, L = a.length, chunks = (L + kCudaScanChunk - 1) / kCudaScanChunk;
-  const int64_t first_row = (b * a.dim + blk.first) * L;
-  const int64_t bc_base = (b * a.groups + blk.group) * N * L;
+  const int64_t b = blk.batch, N = a.nstate, L = a.length, chunks = a.cuda_chunks();
 
   float h[K];
 #pragma unroll
@@ -192,12 +194,12 @@ __global__ void __launch_bounds__(kThreads) scan_forward_kernel(const ScanArgs a
     __syncthreads();  // the previous tile's values are consumed
     for_each_in_tile(lay.channels, kTile, [&](int c, int t) {
       const bool in = c < blk.count && t < len;
-      const int64_t at = first_row + c * L + t0 + t;
+      const int64_t at = blk.first_row + c * L + t0 + t;
       const float bias = in && a.delta_bias ? a.delta_bias[blk.first + c] : 0.0f;
       sm.delta[c * kPitch + t] = in ? ss_delta(load_float(static_cast<const T*>(a.delta), at), bias, a.softplus) : 0.0f;
       sm.u[c * kPitch + t] = in ? load_float(static_cast<const T*>(a.u), at) : 0.0f;
     });
-    stage_bc<T, K>(lay, kTile, static_cast<const T*>(a.B) + bc_base, static_cast<const T*>(a.C) + bc_base, N, L,
+    stage_bc<T, K>(lay, kTile, static_cast<const T*>(a.B) + blk.bc_base, static_cast<const T*>(a.C) + blk.bc_base, N, L,
                    t0, len, sm.b, sm.c);
     __syncthreads();
 
@@ -225,7 +227,7 @@ __global__ void __launch_bounds__(kThreads) scan_forward_kernel(const ScanArgs a
     const T* z = static_cast<const T*>(a.z);
     for_each_in_tile(blk.count, kTile, [&](int c, int t) {
       if (t >= len) return;
-      const int64_t at = first_row + c * L + t0 + t;
+      const int64_t at = blk.first_row + c * L + t0 + t;
       const float d_skip = a.D ? a.D[blk.first + c] : 0.0f;
       const float zt = z ? load_float(z, at) : 0.0f;
       float y = 0.0f;
@@ -286,15 +288,13 @@ __global__ void __launch_bounds__(kThreads, 4) scan_backward_kernel(const ScanAr
   using Shared = BackwardShared<K>;
   constexpr int kTile = Lay::kBackwardTile, kPitch = Shared::kPitch;
   const Lay lay(a.nstate);
-  const BlockChannels blk(a, lay, blockIdx.x);
+  const BlockChannels blk(a, lay, blockIdx.x, blockIdx.y);
   const LaneStates<K> lane(lay, blk);
   const DecayRates<K> rates(a, lane);
   const Shared sm(dynamic_shared_floats(), lay);
-  const int64_t b = blockIdx.y, N = a.nstate, L = a.length, chunks = (L + kCudaScanChunk - 1) / kCudaScanChunk;
-  const int64_t first_row = (b * a.dim + blk.first) * L, bd = b * a.dim + lane.d;
-  const int64_t bc_base = (b * a.groups + blk.group) * N * L;
-  const T* b_rows = static_cast<const T*>(a.B) + bc_base;
-  const T* c_rows = static_cast<const T*>(a.C) + bc_base;
+  const int64_t b = blk.batch, N = a.nstate, L = a.length, chunks = a.cuda_chunks(), bd = b * a.dim + lane.d;
+  const T* b_rows = static_cast<const T*>(a.B) + blk.bc_base;
+  const T* c_rows = static_cast<const T*>(a.C) + blk.bc_base;
   const T* z = static_cast<const T*>(a.z);
   const T* dout = static_cast<const T*>(gr.dout);
   // This block's slice of the (batch, groups, blocks per group, N, L) partial sums of dB and dC.
@@ -313,7 +313,7 @@ __global__ void __launch_bounds__(kThreads, 4) scan_backward_kernel(const ScanAr
   auto stage = [&](int64_t t0, int len, bool gradients) {
     for_each_in_tile(lay.channels, kTile, [&](int c, int t) {
       const bool in = c < blk.count && t < len;
-      const int64_t at = first_row + c * L + t0 + t;
+      const int64_t at = blk.first_row + c * L + t0 + t;
       const int slot = c * kPitch + t;
       const float bias = in && a.delta_bias ? a.delta_bias[blk.first + c] : 0.0f;
       const float raw = in ? load_float(static_cast<const T*>(a.delta), at) : 0.0f;
@@ -424,7 +424,7 @@ __global__ void __launch_bounds__(kThreads, 4) scan_backward_kernel(const ScanAr
           const int part = t * kThreads + c * lay.lanes + sub;
           grad_bu += sm.grad_bu[part], grad_delta_a += sm.grad_delta_a[part], y += sm.y[part];
         }
-        const int64_t at = first_row + c * L + t0 + t;
+        const int64_t at = blk.first_row + c * L + t0 + t;
         const int slot = c * kPitch + t;
         const float delta = sm.delta[slot], u = sm.u[slot], dy = sm.dy[slot];
         const float d_skip = a.D ? a.D[blk.first + c] : 0.0f;

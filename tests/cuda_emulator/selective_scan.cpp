@@ -44,9 +44,8 @@ void emulated_scan_forward(const int64_t* sizes, const uintptr_t* inputs, bool s
   const ScanArgs args = scan_args(sizes, inputs, softplus);
   const ScanForwardOut o{reinterpret_cast<void*>(out), reinterpret_cast<float*>(chunk_states)};
   const size_t rows = args.batch * args.dim;
-  const size_t chunks = (args.length + fastllm::kCudaScanChunk - 1) / fastllm::kCudaScanChunk;
   poison(o.out, rows * args.length * element_bytes(dtype));
-  poison(o.chunk_states, rows * chunks * args.nstate * sizeof(float));
+  poison(o.chunk_states, rows * args.cuda_chunks() * args.nstate * sizeof(float));
   fastllm::scan_cuda::with_forward_kernel(args, dtype, [&](auto kernel, dim3 grid, size_t bytes) {
     cuda_emulator::launch(grid, dim3{fastllm::scan_cuda::kThreads}, bytes, kernel, args, o);
   });
