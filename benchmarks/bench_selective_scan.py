@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastllm.ops.selective_scan import num_chunks, selective_scan
+from fastllm.ops.selective_scan import chunk_length, num_chunks, selective_scan
 from fastllm.ops.selective_scan_ref import selective_scan_parallel, selective_scan_reference
 from fastllm.ops.selective_state_update import selective_state_update
 from fastllm.ops.selective_state_update_ref import selective_state_update_reference
@@ -37,7 +37,7 @@ def scan_bytes(batch, dim, length, nstate, dtype, device, backward=False):
     e = torch.finfo(dtype).bits // 8
     per_channel = batch * dim * length * e
     per_bc = batch * nstate * length * e
-    states = batch * dim * num_chunks(length, torch.device(device)) * nstate * 4
+    states = batch * dim * num_chunks(length, chunk_length(torch.device(device))) * nstate * 4
     if not backward:
         return 4 * per_channel + 2 * per_bc + states
     return 7 * per_channel + 4 * per_bc + states

@@ -34,8 +34,8 @@ def chunk_length(device: torch.device) -> int:
     return SCAN_CHUNK_CUDA if device.type == "cuda" else SCAN_CHUNK
 
 
-def num_chunks(length: int, device: torch.device) -> int:
-    chunk = chunk_length(device)
+def num_chunks(length: int, chunk: int) -> int:
+    """Saved states of a sequence of ``length`` positions, one every ``chunk`` (the last may be short)."""
     return (length + chunk - 1) // chunk
 
 
@@ -94,7 +94,7 @@ def _kernel_forward(launch, chunk, u, delta, A, B, C, D, z, delta_bias, initial_
     tensors, sizes, pointers = _launch_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
     batch, dim, length = u.shape
     out = torch.empty_like(u, memory_format=torch.contiguous_format)
-    chunk_states = u.new_empty(batch, dim, -(-length // chunk), A.shape[1], dtype=torch.float32)
+    chunk_states = u.new_empty(batch, dim, num_chunks(length, chunk), A.shape[1], dtype=torch.float32)
     launch(sizes, pointers, delta_softplus, out.data_ptr(), chunk_states.data_ptr(), _backend.DTYPE_CODES[u.dtype])
     return out, chunk_states
 
@@ -137,7 +137,7 @@ def _scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Te
 @_scan_fwd.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
     batch, dim, length = u.shape
-    states = u.new_empty(batch, dim, num_chunks(length, u.device), A.shape[1],
+    states = u.new_empty(batch, dim, num_chunks(length, chunk_length(u.device)), A.shape[1],
                          dtype=compute_dtype(u, delta, A, B, C, D))
     return torch.empty_like(u, memory_format=torch.contiguous_format), states
 
