@@ -1,7 +1,8 @@
 """Generation throughput (tokens/s) of a Mamba LM against a Transformer (Llama) LM of the same size:
-batch 1 and 64, 1024 generated tokens after a 16-token prompt, bf16, greedy, on GPU. The Mamba LM
-keeps a constant-size state per layer, so ``generate`` replays its decoding step as a CUDA graph; the
-Transformer's KV cache and attention grow with the text, and it decodes eagerly.
+batch 1 and 64, 1024 generated tokens after a 16-token prompt, bf16, greedy, on GPU. Both replay
+their decoding step as a CUDA graph (``generate``'s default). The Mamba LM keeps a constant-size
+state per layer; the Transformer's step writes its KV cache at a device-side position and attends
+over the whole preallocated cache under a mask, so its cost per token is that of the longest text.
 
 Same size: a Mamba layer (expand 2) holds about 6 dim^2 parameters, a Llama layer (SwiGLU) about
 12 dim^2, so the Mamba LM has twice the layers.

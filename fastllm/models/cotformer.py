@@ -111,6 +111,8 @@ def _active_mask(positions: torch.Tensor | None, shape, device) -> torch.Tensor:
 class _LayerOffsetCache:
     """A KV cache seen by a block whose cache slot is its layer index plus ``offset``."""
 
+    fixed_shape = False
+
     def __init__(self, cache: KVCache, offset: int):
         self.cache, self.offset = cache, offset
 
@@ -240,8 +242,10 @@ class CoTFormerLM(TransformerLM):
             cache.advance(input_ids.shape[1])
         return self.output(x, labels)
 
-    def init_cache(self, batch_size: int, max_seq_len: int, device=None, dtype=None) -> KVCache:
-        """One cache slot per block application: n_begin + n_repeat * n_middle + n_end."""
+    def init_cache(self, batch_size: int, max_seq_len: int, device=None, dtype=None,
+                   fixed_shape: bool = False) -> KVCache:
+        """One cache slot per block application: n_begin + n_repeat * n_middle + n_end. The repeats'
+        masks slice the cache up to the new tokens, so ``fixed_shape`` is never granted."""
         c, weight = self.config, self.embed.weight
         return KVCache(c.n_begin + c.n_repeat * c.n_middle + c.n_end, batch_size, c.n_kv_heads, max_seq_len,
                        c.head_dim, device=weight.device if device is None else device,

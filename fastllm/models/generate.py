@@ -30,12 +30,12 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
 class _GraphedStep:
     """model(ids, cache=cache) for one token as a CUDA graph, captured once and replayed per token, so
     that small-batch decoding is not bound by Python and kernel launches (some 20 kernels per layer).
-    For caches whose step has fixed shapes and buffers (``cache.step_state()`` is not None)."""
+    For caches whose step has fixed shapes and buffers (``cache.step_state()`` is not None) and room
+    for two more tokens: the warm-up and the capture each count one, and both are undone."""
 
     def __init__(self, model, cache, ids: torch.Tensor):
         self.cache, self.ids = cache, ids.clone()
         saved, pos = [t.clone() for t in cache.step_state()], cache.pos
-        cache.pos = 0  # the warm-up and the capture only need room for one token each
         try:
             # Warm up on a side stream first (lazy initialisation, autotuning), as capture requires.
             side = torch.cuda.Stream(self.ids.device)
@@ -68,7 +68,9 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
 
     A row that produced ``eos_id`` continues with ``eos_id``; sampling stops early once every row has.
     The model runs in eval mode and is returned to its previous mode. With ``cuda_graph``, on a CUDA
-    device, models with a recurrent state (Mamba) replay their decoding step as a CUDA graph.
+    device, the decoding step is replayed as a CUDA graph where the model's cache allows fixed-shape
+    steps: a recurrent state (Mamba), a KV cache under dense attention (attending over the whole
+    cache under a mask, so each token costs the attention of the full ``T0 + max_new_tokens``).
     """
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be (batch, seq) with seq >= 1, got shape {tuple(input_ids.shape)}")
@@ -84,12 +86,13 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
     model.eval()
     try:
         B, T0 = input_ids.shape
-        cache = model.init_cache(B, T0 + max_new_tokens)
+        graphed = cuda_graph and input_ids.is_cuda and max_new_tokens > 1
+        cache = model.init_cache(B, T0 + max_new_tokens, fixed_shape=graphed)
         tokens = [input_ids]
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         logits = model(input_ids, cache=cache)[:, -1]
         step_model = lambda ids: model(ids, cache=cache)[:, -1]  # noqa: E731
-        if cuda_graph and input_ids.is_cuda and max_new_tokens > 1 and cache.step_state() is not None:
+        if graphed and cache.step_state() is not None:
             try:
                 step_model = _GraphedStep(model, cache, input_ids[:, -1:])
             except RuntimeError as error:  # slower, never wrong: the step runs eagerly

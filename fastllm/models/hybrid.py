@@ -20,7 +20,7 @@ from torch import nn
 
 from fastllm.models.registry import ModelConfig, register_model
 from fastllm.nn.lm_head import logits_or_loss
-from fastllm.nn.attention import Attention
+from fastllm.nn.attention import Attention, is_dense_attention
 from fastllm.nn.cache import KVCache, SequenceCache
 from fastllm.nn.mamba import MambaCache, MambaMixer
 from fastllm.nn.mlp import SwiGLU
@@ -87,13 +87,27 @@ class HybridCache(SequenceCache):
 
     def __init__(self, kv: KVCache | None, ssm: MambaCache | None, max_seq_len: int, batch_size: int):
         self.kv, self.ssm, self.max_seq_len, self.batch_size = kv, ssm, max_seq_len, batch_size
-        self.pos = 0
+        self.parts: list[SequenceCache] = [part for part in (kv, ssm) if part is not None]
+
+    @property
+    def pos(self) -> int:
+        return self.parts[0].pos
+
+    @pos.setter
+    def pos(self, value: int) -> None:
+        for part in self.parts:
+            part.pos = value
+
+    def positions(self, new_tokens: int, device=None) -> torch.Tensor:
+        return super().positions(new_tokens, device) if self.kv is None else self.kv.positions(new_tokens, device)
 
     def advance(self, new_tokens: int) -> None:
-        super().advance(new_tokens)
-        for part in (self.kv, self.ssm):
-            if part is not None:
-                part.advance(new_tokens)
+        for part in self.parts:
+            part.advance(new_tokens)
+
+    def step_state(self) -> tuple[torch.Tensor, ...] | None:
+        states = [part.step_state() for part in self.parts]
+        return None if None in states else tuple(t for state in states for t in state)
 
 
 class HybridLayer(nn.Module):
@@ -171,13 +185,16 @@ class HybridLM(nn.Module):
         x = self.norm(x)
         return logits_or_loss(x, self.embed.weight if self.lm_head is None else self.lm_head.weight, labels)
 
-    def init_cache(self, batch_size: int, max_seq_len: int, device=None, dtype=None) -> HybridCache:
+    def init_cache(self, batch_size: int, max_seq_len: int, device=None, dtype=None,
+                   fixed_shape: bool = False) -> HybridCache:
+        """The KV cache of the attention layers (``fixed_shape`` as ``TransformerLM.init_cache``) and the
+        recurrent state of the Mamba layers."""
         weight = self.embed.weight
         device = weight.device if device is None else device
         dtype = weight.dtype if dtype is None else dtype
         c = self.config
-        kv = (KVCache(self.n_attention, batch_size, c.n_kv_heads, max_seq_len, c.head_dim, device=device, dtype=dtype)
-              if self.n_attention else None)
+        kv = (KVCache(self.n_attention, batch_size, c.n_kv_heads, max_seq_len, c.head_dim, device=device, dtype=dtype,
+                      fixed_shape=fixed_shape and is_dense_attention(c.attention)) if self.n_attention else None)
         ssm = (MambaCache(self.n_mamba, batch_size, c.expand * c.dim, c.d_conv, c.d_state, max_seq_len,
                           device=device, dtype=dtype) if self.n_mamba else None)
         return HybridCache(kv, ssm, max_seq_len, batch_size)

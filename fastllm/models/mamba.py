@@ -138,8 +138,10 @@ class MambaLM(nn.Module):
         weight = self.backbone.embeddings.weight if self.lm_head is None else self.lm_head.weight
         return logits_or_loss(x, weight, labels)
 
-    def init_cache(self, batch_size: int, max_seq_len: int, device=None, dtype=None) -> MambaCache:
-        """Zero recurrent state for ``batch_size`` sequences (its size does not grow with max_seq_len)."""
+    def init_cache(self, batch_size: int, max_seq_len: int, device=None, dtype=None,
+                   fixed_shape: bool = True) -> MambaCache:
+        """Zero recurrent state for ``batch_size`` sequences (its size does not grow with max_seq_len);
+        its steps always have fixed shapes, whatever ``fixed_shape`` asks."""
         weight = self.backbone.embeddings.weight
         c = self.config
         return MambaCache(c.n_layers, batch_size, c.d_inner, c.d_conv, c.d_state, max_seq_len,

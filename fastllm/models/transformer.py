@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from fastllm.models.registry import ModelConfig
-from fastllm.nn import DecoderBlock, KVCache, RMSNorm, RotaryEmbedding, XIELU, get_attention, rotary_tables
+from fastllm.nn import (DecoderBlock, KVCache, RMSNorm, RotaryEmbedding, XIELU, get_attention, is_dense_attention,
+                        rotary_tables)
 from fastllm.nn.lm_head import logits_or_loss
 from fastllm.nn.block import MLPS
 from fastllm.nn.rope import check_rope_scaling
@@ -135,14 +136,17 @@ class TransformerLM(nn.Module):
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
         return logits_or_loss(self.norm(x), weight, labels)
 
-    def init_cache(self, batch_size: int, max_seq_len: int, device=None, dtype=None) -> KVCache:
+    def init_cache(self, batch_size: int, max_seq_len: int, device=None, dtype=None,
+                   fixed_shape: bool = False) -> KVCache:
         """An empty KV cache for ``batch_size`` sequences of up to ``max_seq_len`` tokens (default: the
-        model's device and dtype)."""
+        model's device and dtype). ``fixed_shape`` asks for steps of fixed shapes (CUDA-graph decoding),
+        granted when the model's attention is dense."""
         weight = self.embed.weight
         c = self.config
         return KVCache(c.n_layers, batch_size, c.n_kv_heads, max_seq_len, c.head_dim,
                        device=weight.device if device is None else device,
-                       dtype=weight.dtype if dtype is None else dtype)
+                       dtype=weight.dtype if dtype is None else dtype,
+                       fixed_shape=fixed_shape and is_dense_attention(c.attention))
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Parameter count (tied matrices once); ``exclude_embeddings`` leaves out the token embedding."""

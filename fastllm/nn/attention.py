@@ -5,7 +5,9 @@ q (B, H, Tq, D), k and v (B, Hkv, Tk, D) where Hkv divides H (grouped-query atte
 When Tq < Tk (decoding with a KV cache) the queries are the last Tq positions, so ``causal`` lets
 query i see keys up to Tk - Tq + i. ``doc_ids`` (B, Tk) gives each position's document; attention
 never crosses documents. Register new implementations (fastllm kernels as they land) by name; model
-configs select one with ``attention: str``.
+configs select one with ``attention: str``. Functions registered as ``dense`` compute plain softmax
+attention over every visible key, so a fixed-shape decoding step (``KVCache(fixed_shape=True)``) may
+compute them as masked SDPA over the whole cache.
 """
 
 from __future__ import annotations
@@ -22,13 +24,24 @@ from fastllm.nn.rope import apply_rotary
 
 AttentionFn = Callable[..., torch.Tensor]
 _REGISTRY: dict[str, AttentionFn] = {}
+_DENSE: set[str] = set()
 
 
-def register_attention(name: str, fn: AttentionFn) -> None:
-    """Makes ``fn`` selectable as ``attention=name`` in model configs (replacing an earlier entry)."""
+def register_attention(name: str, fn: AttentionFn, *, dense: bool = False) -> None:
+    """Makes ``fn`` selectable as ``attention=name`` in model configs (replacing an earlier entry);
+    ``dense``: fn is plain softmax attention over all visible keys (see the module's docstring)."""
     if not callable(fn):
         raise TypeError(f"attention {name!r} must be callable, got {type(fn).__name__}")
     _REGISTRY[name] = fn
+    if dense:
+        _DENSE.add(name)
+    else:
+        _DENSE.discard(name)
+
+
+def is_dense_attention(name: str) -> bool:
+    get_attention(name)  # raises for an unknown name
+    return name in _DENSE
 
 
 def get_attention(name: str) -> AttentionFn:
@@ -63,7 +76,13 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
     if doc_ids is None and (not causal or Tq == Tk or Tq == 1):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal and Tq > 1, scale=softmax_scale,
                                               enable_gqa=gqa)
-    mask = attention_mask(Tq, Tk, causal=causal, doc_ids=doc_ids, device=q.device)
+    return _masked_sdpa(q, k, v, attention_mask(Tq, Tk, causal=causal, doc_ids=doc_ids, device=q.device),
+                        softmax_scale)
+
+
+def _masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                 softmax_scale: float | None) -> torch.Tensor:
+    gqa = q.shape[1] != k.shape[1]
     if gqa and q.is_cuda:
         # CUDA's kernel for masked attention (memory-efficient) has no grouped-query support; with
         # enable_gqa SDPA would fall back to the unfused math path, so the kv heads are expanded instead.
@@ -72,7 +91,7 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=softmax_scale, enable_gqa=gqa)
 
 
-register_attention("sdpa", sdpa_attention)
+register_attention("sdpa", sdpa_attention, dense=True)
 
 
 @functools.cache
@@ -125,7 +144,7 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
     return run(q, k, v, block_mask=block_mask, scale=softmax_scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
-register_attention("flex", flex_attention)
+register_attention("flex", flex_attention, dense=True)
 
 
 class Attention(nn.Module):
@@ -138,7 +157,7 @@ class Attention(nn.Module):
             raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.layer_idx = layer_idx
-        self.attention = get_attention(attention)
+        self.attention_name, self.attention = attention, get_attention(attention)
         self.q_proj = nn.Linear(dim, n_heads * head_dim, bias=False)
         self.k_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
         self.v_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
@@ -156,10 +175,27 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)
-        out = self.attention(q, k, v, causal=True, doc_ids=doc_ids)
+        if cache is not None and cache.fixed_shape:
+            out = self._fixed_shape_step(q, k, v, cache)
+        else:
+            if cache is not None:
+                k, v = cache.update(self.layer_idx, k, v)
+            out = self.attention(q, k, v, causal=True, doc_ids=doc_ids)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def _fixed_shape_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache) -> torch.Tensor:
+        """Attention of T new tokens over the whole fixed-shape cache under its visibility mask. Query
+        heads sharing a key/value head are stacked along the query axis, so the mask covers them all
+        and the cache is never expanded."""
+        if not is_dense_attention(self.attention_name):
+            raise ValueError(f"attention {self.attention_name!r} is not dense: it cannot decode from a "
+                             "fixed-shape KV cache")
+        B, H, T, D = q.shape
+        group = H // self.n_kv_heads
+        k, v = cache.update(self.layer_idx, k, v)
+        mask = cache.visible_keys(T).repeat(group, 1)
+        out = _masked_sdpa(q.reshape(B, self.n_kv_heads, group * T, D), k, v, mask, None)
+        return out.view(B, H, T, D)
 
 
 # fastllm's own attention kernels (dense flash, hash-sparse, QK-dropping) join the registry; imported

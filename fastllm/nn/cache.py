@@ -1,4 +1,4 @@
-"""A static key/value cache for incremental decoding: one preallocated buffer per layer."""
+"""Decoding caches: position bookkeeping, and a static key/value cache (one preallocated buffer per layer)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ class SequenceCache:
 
     kind = "cache"  # how errors name it
     pos: int
+    fixed_shape = False  # whether attention layers take the fixed-shape step (see KVCache)
 
     def check_room(self, batch_size: int, new_tokens: int) -> None:
         if batch_size != self.batch_size:
@@ -18,12 +19,17 @@ class SequenceCache:
             raise ValueError(f"{self.kind} full: {self.pos} cached + {new_tokens} new tokens exceed "
                              f"max_seq_len={self.max_seq_len}")
 
+    def positions(self, new_tokens: int, device=None) -> torch.Tensor:
+        """The sequence positions of the next ``new_tokens`` tokens, int64."""
+        return torch.arange(self.pos, self.pos + new_tokens, device=device)
+
     def advance(self, new_tokens: int) -> None:
         self.pos += new_tokens
 
     def step_state(self) -> tuple[torch.Tensor, ...] | None:
-        """The tensors a one-token step reads and rewrites in place, when every step has the same shapes
-        and buffers (a recurrent state: the step can be replayed as a CUDA graph); None otherwise."""
+        """The tensors a step reads and rewrites in place, when every step of T tokens has the same shapes
+        and buffers (so a one-token step can be replayed as a CUDA graph); None otherwise. Saving these
+        and restoring them undoes a step."""
         return None
 
 
@@ -32,16 +38,23 @@ class KVCache(SequenceCache):
 
     Every layer writes its new keys/values at ``pos`` during a forward pass; the model then calls
     ``advance`` with the number of new tokens.
+
+    With ``fixed_shape``, the position also lives on the device (``position``): a step writes its
+    keys/values there by index and attends over the whole buffer under ``visible_keys``, so every step
+    of T tokens has the same shapes and buffers. Slots past the position hold nothing a step reads,
+    so ``position`` alone is the state that undoes a step.
     """
 
     kind = "KV cache"
 
     def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, max_seq_len: int, head_dim: int,
-                 device=None, dtype=torch.float32):
+                 device=None, dtype=torch.float32, fixed_shape: bool = False):
         shape = (n_layers, batch_size, n_kv_heads, max_seq_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.pos = 0
+        self.fixed_shape = fixed_shape
+        self.position = torch.zeros((), dtype=torch.int64, device=device) if fixed_shape else None
 
     @property
     def batch_size(self) -> int:
@@ -51,12 +64,41 @@ class KVCache(SequenceCache):
     def max_seq_len(self) -> int:
         return self.k.shape[3]
 
+    def positions(self, new_tokens: int, device=None) -> torch.Tensor:
+        if not self.fixed_shape:
+            return super().positions(new_tokens, device)
+        return self.position + torch.arange(new_tokens, device=self.position.device)
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stores this layer's new keys/values and returns all of them up to the new tokens."""
+        """Stores this layer's new keys/values and returns all of them up to the new tokens (with
+        ``fixed_shape``: the whole buffer, to be read under ``visible_keys``)."""
+        if self.fixed_shape:
+            slots = self.positions(k.shape[2])
+            self.k[layer].index_copy_(2, slots, k)
+            self.v[layer].index_copy_(2, slots, v)
+            return self.k[layer], self.v[layer]
         end = self.pos + k.shape[2]
         self.k[layer, :, :, self.pos:end] = k
         self.v[layer, :, :, self.pos:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def visible_keys(self, new_tokens: int) -> torch.Tensor:
+        """(new_tokens, max_seq_len) booleans of a fixed-shape step: new token i sees the slots up to its
+        own position."""
+        slots = torch.arange(self.max_seq_len, device=self.position.device)
+        return slots <= self.positions(new_tokens)[:, None]
+
+    def advance(self, new_tokens: int) -> None:
+        super().advance(new_tokens)
+        # A step being recorded into a CUDA graph leaves the device position alone: each replay is
+        # followed by an advance() outside the graph, which must not find the increment done twice.
+        if self.fixed_shape and not (self.position.is_cuda and torch.cuda.is_current_stream_capturing()):
+            self.position += new_tokens
+
+    def step_state(self) -> tuple[torch.Tensor, ...] | None:
+        return (self.position,) if self.fixed_shape else None
+
     def reset(self) -> None:
         self.pos = 0
+        if self.fixed_shape:
+            self.position.zero_()

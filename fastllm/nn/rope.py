@@ -92,7 +92,7 @@ def rotary_tables(rope: RotaryEmbedding, input_ids: torch.Tensor, doc_ids: torch
     """Checks a language model's inputs and returns the RoPE tables (cos, sin) of their positions.
 
     Positions restart at each document with ``doc_ids`` (B, T), continue after the tokens a ``cache``
-    holds (anything with ``pos`` and ``check_room(B, T)``), and count from 0 otherwise.
+    holds (a ``SequenceCache``: ``check_room(B, T)``, ``positions(T)``), and count from 0 otherwise.
     """
     if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"input_ids must be a (batch, seq) integer tensor, got {input_ids.dtype} "
@@ -106,7 +106,7 @@ def rotary_tables(rope: RotaryEmbedding, input_ids: torch.Tensor, doc_ids: torch
         positions = positions_from_doc_ids(doc_ids)
     elif cache is not None:
         cache.check_room(B, T)
-        positions = torch.arange(cache.pos, cache.pos + T, device=input_ids.device)
+        positions = cache.positions(T, device=input_ids.device)
     else:
         positions = torch.arange(T, device=input_ids.device)
     return rope(positions)

@@ -230,9 +230,9 @@ def qk_drop_attention_fn(drop_rate: float = 0.5) -> Callable:
     return layer.forward
 
 
-def register_sparse_attentions(register_attention: Callable[[str, Callable], None]) -> None:
+def register_sparse_attentions(register_attention: Callable[..., None]) -> None:
     """Registers "fastllm_flash" (dense), "hash_sparse", "hash_sparse_shared_qk" and "qk_drop"."""
-    register_attention("fastllm_flash", flash)
+    register_attention("fastllm_flash", flash, dense=True)
     register_attention("hash_sparse", hash_sparse_attention_fn(8))
     register_attention("hash_sparse_shared_qk", hash_sparse_attention_fn(8, shared_qk=True))
     register_attention("qk_drop", qk_drop_attention_fn(0.5))

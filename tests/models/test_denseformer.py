@@ -79,12 +79,14 @@ def test_matches_stacked_reference_forward_and_gradients(dilation, period):
     assert all(grads[f"dwa.weights.{i}"].abs().sum() > 0 for i in model.dwa.weights)
 
 
-def test_kv_cache_matches_full_forward():
+@pytest.mark.parametrize("fixed_shape", [False, True])
+def test_kv_cache_matches_full_forward(fixed_shape):
     model = denseformer(2, 2).eval()
     randomize_dwa(model)
     ids = torch.randint(0, 97, (2, 10))
     full = model(ids)
-    cache = model.init_cache(2, 12)
+    cache = model.init_cache(2, 12, fixed_shape=fixed_shape)
+    assert cache.fixed_shape == fixed_shape
     pieces = [model(ids[:, :6], cache=cache), model(ids[:, 6:7], cache=cache), model(ids[:, 7:], cache=cache)]
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
 

@@ -1,10 +1,12 @@
 import json
+import warnings
 
 import pytest
 import torch
 
 from fastllm.models import (ApertusConfig, LlamaConfig, build_model, config_from_dict, generate, model_names,
                             register_model)
+from fastllm.nn import KVCache
 from fastllm.testing import requires_cuda
 
 TINY = {"vocab_size": 97, "dim": 48, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "hidden_dim": 80}
@@ -21,17 +23,46 @@ ARCHES = [("llama", {}), ("llama", {"tie_embeddings": True, "n_kv_heads": 4}), (
                                                              "original_max_position_embeddings": 16}})]
 
 
+@pytest.mark.parametrize("fixed_shape", [False, True])
 @pytest.mark.parametrize("arch,overrides", ARCHES)
-def test_kv_cache_matches_full_forward(arch, overrides):
+def test_kv_cache_matches_full_forward(arch, overrides, fixed_shape):
     model = tiny(arch, **overrides)
     ids = torch.randint(0, 97, (3, 13))
     full = model(ids)
-    cache = model.init_cache(3, 16)
+    cache = model.init_cache(3, 16, fixed_shape=fixed_shape)
+    assert cache.fixed_shape == fixed_shape
+    if fixed_shape:  # garbage past the position must stay invisible
+        cache.k.normal_(), cache.v.normal_()
     pieces = [model(ids[:, :5], cache=cache), model(ids[:, 5:6], cache=cache), model(ids[:, 6:], cache=cache)]
     assert cache.pos == 13
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="KV cache full"):
         model(ids[:, :4], cache=cache)
+
+
+def test_fixed_shape_step_is_undone_by_its_step_state():
+    model = tiny("llama")
+    ids = torch.randint(0, 97, (2, 9))
+    full = model(ids)
+    cache = model.init_cache(2, 12, fixed_shape=True)
+    model(ids[:, :7], cache=cache)
+    (position,) = cache.step_state()
+    saved, pos = position.clone(), cache.pos
+    model(torch.randint(0, 97, (2, 1)), cache=cache)  # a trial step, as CUDA-graph capture makes
+    position.copy_(saved)
+    cache.pos = pos
+    steps = [model(ids[:, t:t + 1], cache=cache) for t in (7, 8)]
+    assert int(position) == cache.pos == 9
+    torch.testing.assert_close(torch.cat(steps, dim=1), full[:, 7:], atol=1e-5, rtol=1e-5)
+
+
+def test_fixed_shape_cache_needs_dense_attention():
+    model = tiny("llama", attention="hash_sparse")
+    cache = model.init_cache(2, 8, fixed_shape=True)
+    assert not cache.fixed_shape and cache.step_state() is None
+    fixed = KVCache(2, 2, 2, 8, 12, fixed_shape=True)
+    with pytest.raises(ValueError, match="'hash_sparse' is not dense"):
+        model(torch.randint(0, 97, (2, 3)), cache=fixed)
 
 
 @pytest.mark.parametrize("arch,overrides", ARCHES[1:3])
@@ -43,6 +74,31 @@ def test_greedy_generation_matches_full_forward(arch, overrides):
     # Each generated token is the argmax of a full (cache-free) forward over everything before it.
     logits = model(out)
     torch.testing.assert_close(out[:, 4:], logits[:, 3:-1].argmax(-1), rtol=0, atol=0)
+
+
+GRAPH_MODELS = {
+    "llama": {"arch": "llama", **TINY},
+    "denseformer": {"arch": "denseformer", **TINY, "dwa_dilation": 2},
+    "hybrid": {"arch": "hybrid", **TINY, "n_layers": 3, "attention_layers": [1], "d_state": 8},
+    "mamba": {"arch": "mamba", "vocab_size": 97, "dim": 16, "n_layers": 2, "d_state": 8},
+}
+
+
+@requires_cuda
+@pytest.mark.parametrize("name", GRAPH_MODELS)
+def test_cuda_graph_generation_equals_eager(name):
+    torch.manual_seed(0)
+    model = build_model(config_from_dict(GRAPH_MODELS[name])).to("cuda")
+    prompt = torch.randint(0, 97, (2, 5), device="cuda")
+    for temperature in (0.0, 0.8):
+        runs = []
+        for cuda_graph in (False, True):
+            generator = torch.Generator("cuda").manual_seed(3)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # a failed capture (eager fallback) fails the test
+                runs.append(generate(model, prompt, 20, temperature=temperature, generator=generator,
+                                     cuda_graph=cuda_graph))
+        assert torch.equal(runs[0], runs[1])
 
 
 def test_sampling_options():

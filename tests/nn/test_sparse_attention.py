@@ -152,9 +152,16 @@ def test_non_causal_is_an_error():
 
 
 def test_registry_functions():
-    registry = {}
-    register_sparse_attentions(lambda name, fn: registry.__setitem__(name, fn))
+    registry, dense_names = {}, set()
+
+    def register(name, fn, dense=False):
+        registry[name] = fn
+        if dense:
+            dense_names.add(name)
+
+    register_sparse_attentions(register)
     assert set(registry) == {"fastllm_flash", "hash_sparse", "hash_sparse_shared_qk", "qk_drop"}
+    assert dense_names == {"fastllm_flash"}
     q, k, v = [t.float() for t in _qkv()]
     doc_ids = (torch.arange(40) >= 20).long().expand(2, 40)
     for name, fn in registry.items():
@@ -167,7 +174,7 @@ def test_registry_functions():
 @pytest.mark.parametrize("causal", [True, False])
 def test_dense_registry_function(causal):
     registry = {}
-    register_sparse_attentions(lambda name, fn: registry.__setitem__(name, fn))
+    register_sparse_attentions(lambda name, fn, dense=False: registry.__setitem__(name, fn))
     flash = registry["fastllm_flash"]
     q = torch.randn(2, 4, 30, 16, dtype=torch.float64)
     k, v = torch.randn(2, 2, 30, 16, dtype=torch.float64), torch.randn(2, 2, 30, 16, dtype=torch.float64)
@@ -200,7 +207,7 @@ def test_layers_on_the_kernel_path():
 def test_compile_fullgraph():
     """Model code compiles attention with fullgraph=True: no graph break in any variant."""
     registry = {}
-    register_sparse_attentions(lambda name, fn: registry.__setitem__(name, fn))
+    register_sparse_attentions(lambda name, fn, dense=False: registry.__setitem__(name, fn))
     layers = {**registry, "hash_module": HashSparseAttention(2, 16), "qk_learned": QKDropAttention(2, 16, learned=True)}
     q, k, v = [torch.randn(1, 2, 12, 16, requires_grad=True) for _ in range(3)]
     doc_ids = (torch.arange(12) >= 5).long()[None]
