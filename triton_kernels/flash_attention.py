@@ -48,24 +48,28 @@ def _configs(shapes: list[tuple[int, int, int, int]]) -> list[triton.Config]:
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
-# (BLOCK_M, BLOCK_N, warps, stages) for sm_80 / sm_90; BLOCK_M tiles queries, BLOCK_N keys.
+# (BLOCK_M, BLOCK_N, warps, stages) for sm_80 / sm_90; BLOCK_M tiles queries, BLOCK_N keys. The dK/dV
+# pass holds two (BLOCK_N, head dim) float32 accumulators beside its keys and values: with 4 warps
+# every tile spills registers on sm_90 (ptxas, Triton 3.9), with 8 warps over 32 x 128 tiles none
+# does up to head dim 64. Five stages for dQ's thin tiles follow Triton's fused-attention tutorial.
 _FWD = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 4)])
-_DKDV = _configs([(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4)])
-_DQ = _configs([(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)])
-# Sequences up to SHORT_T use one config (tuning would cost more than it saves); float32 (IEEE
-# products on CUDA cores, for tests) uses one small-tile config: larger tiles spill registers at
-# head dim 128 and take ptxas tens of seconds.
+_DKDV = _configs([(32, 128, 8, 3), (32, 128, 8, 4), (32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 4)])
+_DQ = _configs([(128, 32, 4, 3), (128, 32, 4, 5), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)])
+# Sequences up to SHORT_T use one config per kernel (tuning would cost more than it saves); float32
+# (IEEE products on CUDA cores, for tests) uses one small-tile config: larger tiles spill registers
+# at head dim 128 and take ptxas tens of seconds.
 SHORT_T = 1024
-_SHORT = _configs([(64, 64, 4, 3)])
+_FWD_SHORT = _DQ_SHORT = _configs([(64, 64, 4, 3)])
+_DKDV_SHORT = _configs([(32, 128, 8, 3)])
 _FP32_ROWS = _configs([(32, 32, 4, 2)])
 _FP32_COLS = _configs([(16, 32, 4, 2)])
 # Tiles that do not fit shared memory (128-dim heads on sm_80) are dropped by the autotuner.
 _TUNE_KEY = ["T", "HEAD_DIM", "MODE"]
 
 
-def _variants(kernel, configs, fp32_configs):
+def _variants(kernel, configs, short_configs, fp32_configs):
     return {name: triton.autotune(configs=c, key=_TUNE_KEY)(kernel)
-            for name, c in (("tuned", configs), ("short", _SHORT), ("fp32", fp32_configs))}
+            for name, c in (("tuned", configs), ("short", short_configs), ("fp32", fp32_configs))}
 
 
 def _pick(variants, q: torch.Tensor):
@@ -418,9 +422,9 @@ def _bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ, LO, HI, QIDX, KIDX, scale_log2
              mask=row_valid[:, None])
 
 
-_FWD_KERNELS = _variants(_fwd_kernel, _FWD, _FP32_ROWS)
-_DKDV_KERNELS = _variants(_bwd_dkdv_kernel, _DKDV, _FP32_COLS)
-_DQ_KERNELS = _variants(_bwd_dq_kernel, _DQ, _FP32_ROWS)
+_FWD_KERNELS = _variants(_fwd_kernel, _FWD, _FWD_SHORT, _FP32_ROWS)
+_DKDV_KERNELS = _variants(_bwd_dkdv_kernel, _DKDV, _DKDV_SHORT, _FP32_COLS)
+_DQ_KERNELS = _variants(_bwd_dq_kernel, _DQ, _DQ_SHORT, _FP32_ROWS)
 
 
 def _mode(row_lo: torch.Tensor | None, causal: bool) -> int:
