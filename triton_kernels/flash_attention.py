@@ -50,10 +50,12 @@ def _configs(shapes: list[tuple[int, int, int, int]]) -> list[triton.Config]:
 
 # (BLOCK_M, BLOCK_N, warps, stages) for sm_80 / sm_90; BLOCK_M tiles queries, BLOCK_N keys. The dK/dV
 # pass holds two (BLOCK_N, head dim) float32 accumulators beside its keys and values: with 4 warps
-# every tile spills registers on sm_90 (ptxas, Triton 3.9), with 8 warps over 32 x 128 tiles none
-# does up to head dim 64. Five stages for dQ's thin tiles follow Triton's fused-attention tutorial.
+# every tile spills registers on sm_90 (benchmarks/kernel_resources.py, Triton 3.9), with 8 warps
+# over 32 x 128 tiles none does up to head dim 64; at head dim 128, 16 x 128 tiles spill least.
+# Five stages for dQ's thin tiles follow Triton's fused-attention tutorial.
 _FWD = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 4)])
-_DKDV = _configs([(32, 128, 8, 3), (32, 128, 8, 4), (32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 4)])
+_DKDV = _configs([(32, 128, 8, 3), (32, 128, 8, 4), (16, 128, 8, 3), (32, 128, 4, 3), (64, 128, 8, 3),
+                  (32, 64, 4, 4)])
 _DQ = _configs([(128, 32, 4, 3), (128, 32, 4, 5), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)])
 # Sequences up to SHORT_T use one config per kernel (tuning would cost more than it saves); float32
 # (IEEE products on CUDA cores, for tests) uses one small-tile config: larger tiles spill registers
