@@ -67,10 +67,28 @@ def positions_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
     return index - start_of_doc
 
 
+@torch.library.custom_op("fastllm::rotary_cos_sin", mutates_args=())
+def _rotary_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    freqs = positions.float()[..., None] * inv_freq
+    angles = torch.cat((freqs, freqs), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+@_rotary_cos_sin.register_fake
+def _(positions, inv_freq):
+    shape = (*positions.shape, 2 * inv_freq.shape[0])
+    return positions.new_empty(shape, dtype=torch.float32), positions.new_empty(shape, dtype=torch.float32)
+
+
 class RotaryEmbedding(nn.Module):
     """Computes cos/sin for given positions. The frequencies are recomputed on each call (head_dim / 2
     values, free next to the model) rather than kept as a buffer, so they stay float32 when the model is
-    cast to bfloat16 and need no re-initialisation after building on the meta device."""
+    cast to bfloat16 and need no re-initialisation after building on the meta device.
+
+    The tables come from an opaque custom op. Traced inline, torch.compile fuses pow, cos and sin into
+    the kernels that rotate q and k (and into their backward), which then evaluate them for every
+    element of q and k, about a hundred instructions each time, instead of once per position and
+    frequency."""
 
     def __init__(self, head_dim: int, theta: float = 10000.0, scaling: dict | None = None):
         super().__init__()
@@ -82,9 +100,7 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape positions.shape + (head_dim,), float32."""
         inv_freq = rope_inv_freq(self.head_dim, self.theta, self.scaling, device=positions.device)
-        freqs = positions.float()[..., None] * inv_freq
-        angles = torch.cat((freqs, freqs), dim=-1)
-        return angles.cos(), angles.sin()
+        return _rotary_cos_sin(positions, inv_freq)
 
 
 def rotary_tables(rope: RotaryEmbedding, input_ids: torch.Tensor, doc_ids: torch.Tensor | None,

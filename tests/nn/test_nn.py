@@ -36,6 +36,23 @@ def test_positions_restart_per_document():
     torch.testing.assert_close(positions_from_doc_ids(doc_ids), expected)
 
 
+def test_rope_tables_are_one_opaque_op():
+    rope = RotaryEmbedding(16, theta=500.0)
+    positions = torch.tensor([[0, 1, 2, 9], [3, 4, 0, 1]])
+    cos, sin = rope(positions)
+    angles = positions.double()[..., None] / 500.0 ** (torch.arange(0, 16, 2, dtype=torch.float64) / 16)
+    angles = torch.cat((angles, angles), dim=-1)
+    assert cos.shape == sin.shape == (2, 4, 16) and cos.dtype == sin.dtype == torch.float32
+    torch.testing.assert_close(cos, angles.cos().float())
+    torch.testing.assert_close(sin, angles.sin().float())
+    # Opaque to torch.compile, so that compiled models compute the tables once, not per element of q and k.
+    from fastllm.nn.rope import _rotary_cos_sin
+
+    torch.library.opcheck(_rotary_cos_sin, (positions, torch.rand(8)))
+    tables = torch.compile(rope, backend="aot_eager", fullgraph=True)(positions)
+    torch.testing.assert_close(tables, (cos, sin))
+
+
 def test_rope_is_a_relative_rotation():
     # <rot(q, m), rot(k, n)> depends only on m - n.
     rope = RotaryEmbedding(16, theta=500.0)
