@@ -74,8 +74,8 @@ class KVCache(SequenceCache):
         ``fixed_shape``: the whole buffer, to be read under ``visible_keys``)."""
         if self.fixed_shape:
             slots = self.positions(k.shape[2])
-            self.k[layer].index_copy_(2, slots, k)
-            self.v[layer].index_copy_(2, slots, v)
+            self.k[layer].index_copy_(2, slots, k.to(self.k.dtype))  # as the slice assignment below casts
+            self.v[layer].index_copy_(2, slots, v.to(self.v.dtype))
             return self.k[layer], self.v[layer]
         end = self.pos + k.shape[2]
         self.k[layer, :, :, self.pos:end] = k

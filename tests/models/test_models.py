@@ -56,6 +56,17 @@ def test_fixed_shape_step_is_undone_by_its_step_state():
     torch.testing.assert_close(torch.cat(steps, dim=1), full[:, 7:], atol=1e-5, rtol=1e-5)
 
 
+def test_fixed_shape_cache_takes_keys_of_another_dtype():
+    # Under autocast the keys and values come in bfloat16 while the cache keeps the weights' float32.
+    model = tiny("llama")
+    ids = torch.randint(0, 97, (2, 6))
+    caches = [model.init_cache(2, 8, fixed_shape=fixed) for fixed in (False, True)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = [torch.cat([model(ids[:, :4], cache=c), model(ids[:, 4:], cache=c)], dim=1) for c in caches]
+    assert caches[1].k.dtype == torch.float32
+    torch.testing.assert_close(logits[1], logits[0], atol=2e-2, rtol=2e-2)
+
+
 def test_fixed_shape_cache_needs_dense_attention():
     model = tiny("llama", attention="hash_sparse")
     cache = model.init_cache(2, 8, fixed_shape=True)
