@@ -53,8 +53,12 @@ class KVCache(SequenceCache):
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.pos = 0
-        self.fixed_shape = fixed_shape
         self.position = torch.zeros((), dtype=torch.int64, device=device) if fixed_shape else None
+        self._step: tuple[torch.Tensor, torch.Tensor] | None = None  # this step's positions and mask
+
+    @property
+    def fixed_shape(self) -> bool:
+        return self.position is not None
 
     @property
     def batch_size(self) -> int:
@@ -67,13 +71,22 @@ class KVCache(SequenceCache):
     def positions(self, new_tokens: int, device=None) -> torch.Tensor:
         if not self.fixed_shape:
             return super().positions(new_tokens, device)
-        return self.position + torch.arange(new_tokens, device=self.position.device)
+        # A fixed-shape step makes its positions and visibility mask once, when its forward asks for
+        # the positions (rotary_tables), and every layer reuses them until advance().
+        slots = self.position + torch.arange(new_tokens, device=self.position.device)
+        self._step = slots, torch.arange(self.max_seq_len, device=slots.device) <= slots[:, None]
+        return slots
+
+    def _step_tables(self, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._step is None or self._step[0].shape[0] != new_tokens:
+            self.positions(new_tokens)
+        return self._step
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Stores this layer's new keys/values and returns all of them up to the new tokens (with
         ``fixed_shape``: the whole buffer, to be read under ``visible_keys``)."""
         if self.fixed_shape:
-            slots = self.positions(k.shape[2])
+            slots = self._step_tables(k.shape[2])[0]
             self.k[layer].index_copy_(2, slots, k.to(self.k.dtype))  # as the slice assignment below casts
             self.v[layer].index_copy_(2, slots, v.to(self.v.dtype))
             return self.k[layer], self.v[layer]
@@ -85,11 +98,11 @@ class KVCache(SequenceCache):
     def visible_keys(self, new_tokens: int) -> torch.Tensor:
         """(new_tokens, max_seq_len) booleans of a fixed-shape step: new token i sees the slots up to its
         own position."""
-        slots = torch.arange(self.max_seq_len, device=self.position.device)
-        return slots <= self.positions(new_tokens)[:, None]
+        return self._step_tables(new_tokens)[1]
 
     def advance(self, new_tokens: int) -> None:
         super().advance(new_tokens)
+        self._step = None
         # A step being recorded into a CUDA graph leaves the device position alone: each replay is
         # followed by an advance() outside the graph, which must not find the increment done twice.
         if self.fixed_shape and not (self.position.is_cuda and torch.cuda.is_current_stream_capturing()):
@@ -99,6 +112,6 @@ class KVCache(SequenceCache):
         return (self.position,) if self.fixed_shape else None
 
     def reset(self) -> None:
-        self.pos = 0
+        self.pos, self._step = 0, None
         if self.fixed_shape:
             self.position.zero_()
