@@ -62,7 +62,8 @@ void bind_selective_scan(py::module_& m) {
       },
       "One Mamba decoding step on the CPU, updating the state in place.");
   m.attr("selective_scan_chunk") = kScanChunk;
-  m.attr("selective_scan_cpu_lanes") = kCpuLanes;
+  m.def("selective_scan_cpu_tiles", &cpu_tiles_per_group, py::arg("dim"), py::arg("groups"),
+        "Channel tiles per group of the CPU backward's dB, dC partial sums.");
   m.def(
       "selective_scan_fwd_cpu",
       [](const Sizes& sizes, const Inputs& inputs, bool softplus, uintptr_t out, uintptr_t chunk_states, int dtype,

@@ -23,7 +23,6 @@ from fastllm.profiling import nvtx_range
 SCAN_CHUNK = 256  # kScanChunk in csrc/selective_scan/selective_scan.h
 SCAN_CHUNK_CUDA = 64  # kCudaScanChunk
 MAX_STATES = 256
-CPU_LANES = 8  # kCpuLanes: channels per CPU task
 INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 PARAM_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)  # half ones are cast to float32
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -197,7 +196,7 @@ def _(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, chu
     args = (u, delta, A, B, C, D, z, delta_bias, initial_state)
     if _kernel_ok(*args) and _backend.has_cpu_kernels():
         launch = lambda *a: _backend._C.selective_scan_bwd_cpu(*a, _backend.cpu_threads())  # noqa: E731
-        tiles = -(-(u.shape[1] // B.shape[1]) // CPU_LANES)
+        tiles = _backend._C.selective_scan_cpu_tiles(u.shape[1], B.shape[1])
         return _kernel_backward(launch, tiles, dout, dlast_state, *args, chunk_states, delta_softplus)
     return _reference_backward(dout, dlast_state, *args, delta_softplus)
 
