@@ -139,7 +139,7 @@ class MambaLM(nn.Module):
         return logits_or_loss(x, weight, labels)
 
     def init_cache(self, batch_size: int, max_seq_len: int, device=None, dtype=None,
-                   fixed_shape: bool = True) -> MambaCache:
+                   fixed_shape: bool = False) -> MambaCache:
         """Zero recurrent state for ``batch_size`` sequences (its size does not grow with max_seq_len);
         its steps always have fixed shapes, whatever ``fixed_shape`` asks."""
         weight = self.backbone.embeddings.weight
