@@ -195,7 +195,7 @@ class Attention(nn.Module):
         k, v = cache.update(self.layer_idx, k, v)
         mask = cache.visible_keys(T).repeat(group, 1)
         out = _masked_sdpa(q.reshape(B, self.n_kv_heads, group * T, D), k, v, mask, None)
-        return out.view(B, H, T, D)
+        return out.reshape(B, H, T, D)  # CUDA kernels may return it laid out as (B, T, H, D)
 
 
 # fastllm's own attention kernels (dense flash, hash-sparse, QK-dropping) join the registry; imported
