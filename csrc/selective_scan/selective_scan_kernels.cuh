@@ -1,11 +1,16 @@
 // Selective scan, CUDA device code (the launchers are in selective_scan_cuda.cu). Plain CUDA C++
 // without launch syntax, so tests/cuda_emulator also runs it on the CPU.
 //
-// Lanes own states, not positions. A channel's N states are spread over `lanes` consecutive lanes,
-// K each, and every lane walks L in order with its states in registers: no scan across lanes and
-// one exp per (position, state). A block of kThreads lanes covers `channels` channels of one group;
-// per tile of positions it stages delta', u and its group's B, C in shared memory, so global loads
-// and stores run along L. Sums over a channel's states (y, and the backward's per-position terms)
+// Lanes own states, not positions. A channel's N states are spread over LANES consecutive lanes, K
+// each, and every lane walks L in order with its states in registers: no scan across lanes and one
+// exp per (position, state). A block of kThreads lanes covers kThreads / LANES channels of one group.
+// K and LANES are template parameters, so every index below is a compile-time shift or mask.
+//
+// L is walked in tiles. Each thread loads its share of the next tile's inputs into registers while
+// the block works on the current one: all of a tile's loads are in flight together, and their latency
+// overlaps the arithmetic instead of following it. At the top of a tile the loaded values go, with
+// delta' and the other per-position factors computed once, into shared memory, where the lanes read
+// them in position order. Sums over a channel's states (y, and the backward's per-position terms)
 // leave each lane as a share in shared memory, added up by the thread that writes the position.
 //
 // The forward saves the state at the end of every chunk of kCudaScanChunk positions. The backward
@@ -42,29 +47,41 @@ __device__ __forceinline__ float fast_exp2(float x) {
 #endif
 
 FASTLLM_HD int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+constexpr int min_int(int a, int b) { return a < b ? a : b; }
 
-// States per lane: 4 up to N = 128 (so lanes <= 32), 8 above.
+// States per lane: 4 up to N = 128 (so LANES <= 32), 8 above.
 FASTLLM_HD int states_per_lane(int64_t nstate) { return nstate <= 32 * 4 ? 4 : 8; }
+FASTLLM_HD int lanes_per_channel(int64_t nstate) {
+  int lanes = 1;
+  while (lanes * states_per_lane(nstate) < nstate) lanes *= 2;
+  return lanes;
+}
 
-// How a block's lanes cover channels and states, for K states per lane.
-template <int K>
+// How a block's lanes cover channels and states: K states per lane, LANES lanes per channel.
+template <int K, int LANES>
 struct Layout {
-  // Positions per tile. The backward keeps the states of a whole tile in registers (kBackwardTile x K).
-  static constexpr int kForwardTile = 64 / K;
+  static constexpr int kStates = K, kLanes = LANES;
+  static constexpr int kChannels = kThreads / LANES;  // per block
+  static constexpr int kPadded = K * LANES;           // the states a channel's lanes hold, >= N
+  // Positions per forward tile: at most 8 values per thread of each staged input, and at most 32.
+  static constexpr int kForwardTile = min_int(32, min_int(8 * LANES, 8 * kThreads / kPadded));
+  // The backward keeps the states of a whole tile in registers (kBackwardTile x K).
   static constexpr int kBackwardTile = 32 / K;
-  static_assert(kCudaScanChunk % kBackwardTile == 0 && kCudaScanChunk % kForwardTile == 0, "tiles split chunks");
   static constexpr int kTilesPerChunk = kCudaScanChunk / kBackwardTile;
+  static_assert(kCudaScanChunk % kForwardTile == 0 && kCudaScanChunk % kBackwardTile == 0, "tiles split chunks");
 
-  int lanes;     // per channel, a power of two <= 32
-  int channels;  // per block
-  int padded;    // lanes * K >= N: the states one channel's lanes hold
+  FASTLLM_HD static int64_t blocks_per_group(int64_t per_group) { return (per_group + kChannels - 1) / kChannels; }
+};
 
-  FASTLLM_HD explicit Layout(int64_t nstate) : lanes(1) {
-    while (lanes * K < nstate) lanes *= 2;
-    channels = kThreads / lanes;
-    padded = lanes * K;
-  }
-  FASTLLM_HD int64_t blocks_per_group(int64_t per_group) const { return (per_group + channels - 1) / channels; }
+// One thread's share of a kRows x kTile tile (rows: channels or states, along L in memory): element
+// threadIdx.x + r kThreads is (row, position) = (that / kTile, that % kTile), so consecutive threads
+// take consecutive positions of a row, and a thread's position is the same for every r.
+template <int kRows, int kTile>
+struct TileShare {
+  static_assert(kThreads % kTile == 0, "a tile row never straddles a thread's elements");
+  static constexpr int kPerThread = (kRows * kTile + kThreads - 1) / kThreads;
+  __device__ static int position() { return threadIdx.x % kTile; }
+  __device__ static int row(int r) { return threadIdx.x / kTile + r * (kThreads / kTile); }
 };
 
 // The channels of block `block` of batch row `batch` (blocks never cross a group).
@@ -74,28 +91,28 @@ struct BlockChannels {
   int64_t first_row;  // offset of channel `first`'s row in (batch, dim, L) tensors
   int64_t bc_base;    // offset of the group's rows in (batch, groups, N, L) B and C
 
-  template <int K>
-  FASTLLM_HD BlockChannels(const ScanArgs& a, const Layout<K>& lay, int64_t block, int64_t batch) : batch(batch) {
-    const int64_t per_group = a.dim / a.groups, blocks = lay.blocks_per_group(per_group);
+  template <typename Lay>
+  FASTLLM_HD BlockChannels(const ScanArgs& a, Lay, int64_t block, int64_t batch) : batch(batch) {
+    const int64_t per_group = a.dim / a.groups, blocks = Lay::blocks_per_group(per_group);
     group = block / blocks;
     index_in_group = block % blocks;
-    first = group * per_group + index_in_group * lay.channels;
-    count = static_cast<int>(min64(lay.channels, per_group - index_in_group * lay.channels));
+    first = group * per_group + index_in_group * Lay::kChannels;
+    count = static_cast<int>(min64(Lay::kChannels, per_group - index_in_group * Lay::kChannels));
     first_row = (batch * a.dim + first) * a.length;
     bc_base = (batch * a.groups + group) * a.nstate * a.length;
   }
 };
 
 // The per-lane view: which channel and states this lane owns.
-template <int K>
+template <typename Lay>
 struct LaneStates {
+  static constexpr int K = Lay::kStates;
   int channel;  // within the block
   int sub;      // which K states of the channel
-  bool active;  // the channel exists (lanes of missing channels still take part in barriers and shuffles)
+  bool active;  // the channel exists (lanes of missing channels still take part in barriers)
   int64_t d;    // global channel (clamped to the block's first for inactive lanes)
 
-  __device__ LaneStates(const Layout<K>& lay, const BlockChannels& blk)
-      : channel(threadIdx.x / lay.lanes), sub(threadIdx.x % lay.lanes) {
+  __device__ LaneStates(const BlockChannels& blk) : channel(threadIdx.x / Lay::kLanes), sub(threadIdx.x % Lay::kLanes) {
     active = channel < blk.count;
     d = blk.first + (active ? channel : 0);
   }
@@ -119,31 +136,13 @@ __device__ __forceinline__ void store_states(float* p, const float (&v)[K]) {
   for (int k = 0; k < K; k += 4) *reinterpret_cast<float4*>(p + k) = make_float4(v[k], v[k + 1], v[k + 2], v[k + 3]);
 }
 
-// Calls f(channel, position) for every element of a channels x tile block of positions, consecutive
-// lanes on consecutive positions.
-template <typename F>
-__device__ __forceinline__ void for_each_in_tile(int channels, int tile, F f) {
-  for (int i = threadIdx.x; i < channels * tile; i += kThreads) f(i / tile, i % tile);
-}
-
-// B and C of positions [t0, t0 + len) into [position][padded] tiles, zero past N and len.
-template <typename T, int K>
-__device__ void stage_bc(const Layout<K>& lay, int tile, const T* b_rows, const T* c_rows, int64_t nstate,
-                         int64_t length, int64_t t0, int len, float* sb, float* sc) {
-  for (int i = threadIdx.x; i < lay.padded * tile; i += kThreads) {
-    const int n = i / tile, t = i % tile;
-    const bool in = n < nstate && t < len;
-    sb[t * lay.padded + n] = in ? load_float(b_rows, n * length + t0 + t) : 0.0f;
-    if (c_rows) sc[t * lay.padded + n] = in ? load_float(c_rows, n * length + t0 + t) : 0.0f;
-  }
-}
-
 // A log2(e) as hi + lo per owned state (A = 0 for states past N: a no-op scan).
 template <int K>
 struct DecayRates {
   float hi[K], lo[K], a[K];
 
-  __device__ DecayRates(const ScanArgs& args, const LaneStates<K>& lane) {
+  template <typename Lane>
+  __device__ DecayRates(const ScanArgs& args, const Lane& lane) {
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       a[k] = lane.owns(k, args.nstate) ? args.A[lane.d * args.nstate + lane.state(k)] : 0.0f;
@@ -154,69 +153,144 @@ struct DecayRates {
   __device__ float decay(int k, float delta) const { return fast_exp2(fmaf(delta, hi[k], delta * lo[k])); }
 };
 
-// Shared memory of the forward, in floats, carved from the dynamic buffer.
-template <int K>
-struct ForwardShared {
-  static constexpr int kTile = Layout<K>::kForwardTile, kPitch = kTile + 1;  // odd pitch: 8 channels, 8 banks
-  float *delta, *u;  // per channel: delta', u
-  float *y_part;     // [position][lane]: each lane's share of y, summed over a channel's lanes on output
-  float *b, *c;      // [position][padded]
+// The inputs of one tile in registers, from their loads to their staging. Elements outside the tile
+// (missing channels, positions past L, states past N) load as 0.
+template <typename T, typename Lay, int kTile>
+struct TileInputs {
+  using Rows = TileShare<Lay::kChannels, kTile>;  // per channel: delta, u, z, dL/dout
+  using States = TileShare<Lay::kPadded, kTile>;  // per state: B, C
+  float delta[Rows::kPerThread], u[Rows::kPerThread], z[Rows::kPerThread], dout[Rows::kPerThread];
+  float b[States::kPerThread], c[States::kPerThread];
 
-  FASTLLM_HD static int64_t floats(const Layout<K>& lay) {
-    return 2 * lay.channels * kPitch + kTile * kThreads + 2 * kTile * lay.padded;
+  // Loads delta, u and B; C and z too for `outputs` (the forward, the backward's pass 2), and dL/dout
+  // where dout_rows is given.
+  __device__ void load(const ScanArgs& a, const void* dout_rows, const BlockChannels& blk, int64_t t0, bool outputs) {
+    const int pos = Rows::position();
+    const bool in_time = t0 + pos < a.length;
+#pragma unroll
+    for (int r = 0; r < Rows::kPerThread; ++r) {
+      const int row = Rows::row(r);
+      const bool in = in_time && row < blk.count;
+      const int64_t at = blk.first_row + row * a.length + t0 + pos;
+      delta[r] = in ? load_float(static_cast<const T*>(a.delta), at) : 0.0f;
+      u[r] = in ? load_float(static_cast<const T*>(a.u), at) : 0.0f;
+      z[r] = in && outputs && a.z ? load_float(static_cast<const T*>(a.z), at) : 0.0f;
+      dout[r] = in && dout_rows ? load_float(static_cast<const T*>(dout_rows), at) : 0.0f;
+    }
+#pragma unroll
+    for (int r = 0; r < States::kPerThread; ++r) {
+      const int n = States::row(r);
+      const bool in = in_time && n < a.nstate;
+      const int64_t at = blk.bc_base + n * a.length + t0 + pos;
+      b[r] = in ? load_float(static_cast<const T*>(a.B), at) : 0.0f;
+      c[r] = in && outputs ? load_float(static_cast<const T*>(a.C), at) : 0.0f;
+    }
   }
-  FASTLLM_HD ForwardShared(float* base, const Layout<K>& lay) {
-    const int rows = lay.channels * kPitch;
-    delta = base, u = delta + rows, y_part = u + rows;
-    b = y_part + kTile * kThreads, c = b + kTile * lay.padded;
+
+  // B (and C) into [position][kBcPitch] rows of the tile.
+  template <int kBcPitch>
+  __device__ void stage_bc(float* sb, float* sc) const {
+    const int pos = States::position();
+#pragma unroll
+    for (int r = 0; r < States::kPerThread; ++r) {
+      const int n = States::row(r);
+      if (n >= Lay::kPadded) continue;
+      sb[pos * kBcPitch + n] = b[r];
+      if (sc) sc[pos * kBcPitch + n] = c[r];
+    }
   }
 };
 
-template <typename T, int K>
-__global__ void __launch_bounds__(kThreads) scan_forward_kernel(const ScanArgs a, const ScanForwardOut o) {
-  using Lay = Layout<K>;
-  using Shared = ForwardShared<K>;
-  constexpr int kTile = Shared::kTile, kPitch = Shared::kPitch;
-  const Lay lay(a.nstate);
-  const BlockChannels blk(a, lay, blockIdx.x, blockIdx.y);
-  const LaneStates<K> lane(lay, blk);
+// ---- forward ---------------------------------------------------------------------------------------
+
+// Shared memory of the forward, in floats, carved from the dynamic buffer.
+template <typename Lay>
+struct ForwardShared {
+  static constexpr int kTile = Lay::kForwardTile;
+  static constexpr int kPitch = kTile + 1;           // [channel][position]: conflict-free both ways
+  static constexpr int kBcPitch = Lay::kPadded + 4;  // [position][state]: 16-byte rows, fewer conflicts
+  static constexpr int kPartPitch = kThreads + 1;    // [position][lane]
+  static constexpr int kRows = Lay::kChannels * kPitch;
+  float *delta, *u, *gate;  // per channel: delta', u, silu(z) (1 without z)
+  float *y_part;            // each lane's share of y, summed over a channel's lanes on output
+  float *b, *c;
+  float *bias, *d_skip;     // per channel of the block: delta_bias, D
+
+  FASTLLM_HD static int64_t floats() {
+    return 3 * kRows + kTile * kPartPitch + 2 * kTile * kBcPitch + 2 * Lay::kChannels;
+  }
+  FASTLLM_HD explicit ForwardShared(float* base) {
+    delta = base, u = delta + kRows, gate = u + kRows, y_part = gate + kRows;
+    b = y_part + kTile * kPartPitch, c = b + kTile * kBcPitch;
+    bias = c + kTile * kBcPitch, d_skip = bias + Lay::kChannels;
+  }
+};
+
+// delta_bias and D of the block's channels (0 where absent), visible after the next barrier.
+__device__ __forceinline__ void stage_channel_constants(const ScanArgs& a, const BlockChannels& blk, int channels,
+                                                        float* bias, float* d_skip) {
+  for (int c = threadIdx.x; c < channels; c += kThreads) {
+    const bool in = c < blk.count;
+    bias[c] = in && a.delta_bias ? a.delta_bias[blk.first + c] : 0.0f;
+    d_skip[c] = in && a.D ? a.D[blk.first + c] : 0.0f;
+  }
+}
+
+template <typename T, typename Lay>
+__global__ void __launch_bounds__(kThreads, 4) scan_forward_kernel(const ScanArgs a, const ScanForwardOut o) {
+  constexpr int K = Lay::kStates, kTile = Lay::kForwardTile;
+  using Shared = ForwardShared<Lay>;
+  using Inputs = TileInputs<T, Lay, kTile>;
+  using Rows = typename Inputs::Rows;
+  constexpr int kPitch = Shared::kPitch, kPartPitch = Shared::kPartPitch;
+  const BlockChannels blk(a, Lay{}, blockIdx.x, blockIdx.y);
+  const LaneStates<Lay> lane(blk);
   const DecayRates<K> rates(a, lane);
-  const Shared sm(dynamic_shared_floats(), lay);
+  const Shared sm(dynamic_shared_floats());
   const int64_t b = blk.batch, N = a.nstate, L = a.length, chunks = a.cuda_chunks();
+  stage_channel_constants(a, blk, Lay::kChannels, sm.bias, sm.d_skip);
 
   float h[K];
 #pragma unroll
   for (int k = 0; k < K; ++k)
     h[k] = lane.owns(k, N) && a.initial_state ? a.initial_state[(b * a.dim + lane.d) * N + lane.state(k)] : 0.0f;
 
+  Inputs next;
+  next.load(a, nullptr, blk, 0, true);
+  const int pos = Rows::position();
   for (int64_t t0 = 0; t0 < L; t0 += kTile) {
-    const int len = static_cast<int>(min64(kTile, L - t0));
     __syncthreads();  // the previous tile's values are consumed
-    for_each_in_tile(lay.channels, kTile, [&](int c, int t) {
-      const bool in = c < blk.count && t < len;
-      const int64_t at = blk.first_row + c * L + t0 + t;
-      const float bias = in && a.delta_bias ? a.delta_bias[blk.first + c] : 0.0f;
-      sm.delta[c * kPitch + t] = in ? ss_delta(load_float(static_cast<const T*>(a.delta), at), bias, a.softplus) : 0.0f;
-      sm.u[c * kPitch + t] = in ? load_float(static_cast<const T*>(a.u), at) : 0.0f;
-    });
-    stage_bc<T, K>(lay, kTile, static_cast<const T*>(a.B) + blk.bc_base, static_cast<const T*>(a.C) + blk.bc_base, N, L,
-                   t0, len, sm.b, sm.c);
+    // Stage: positions outside the tile get delta' = 0, u = 0, B = 0: a no-op step, so the loop below
+    // always runs the whole tile.
+#pragma unroll
+    for (int r = 0; r < Rows::kPerThread; ++r) {
+      const int row = Rows::row(r);
+      if (row >= Lay::kChannels) continue;
+      const bool in = t0 + pos < L && row < blk.count;
+      const int slot = row * kPitch + pos;
+      sm.delta[slot] = in ? ss_delta(next.delta[r], sm.bias[row], a.softplus) : 0.0f;
+      sm.u[slot] = next.u[r];
+      sm.gate[slot] = a.z ? next.z[r] * ss_sigmoid(next.z[r]) : 1.0f;
+    }
+    next.template stage_bc<Shared::kBcPitch>(sm.b, sm.c);
     __syncthreads();
+    if (t0 + kTile < L) next.load(a, nullptr, blk, t0 + kTile, true);
 
-    for (int t = 0; t < len; ++t) {
+#pragma unroll
+    for (int t = 0; t < kTile; ++t) {
       const float delta = sm.delta[lane.channel * kPitch + t], delta_u = delta * sm.u[lane.channel * kPitch + t];
       float bt[K], ct[K];
-      load_states<K>(sm.b + t * lay.padded + lane.sub * K, bt);
-      load_states<K>(sm.c + t * lay.padded + lane.sub * K, ct);
+      load_states<K>(sm.b + t * Shared::kBcPitch + lane.sub * K, bt);
+      load_states<K>(sm.c + t * Shared::kBcPitch + lane.sub * K, ct);
       float y = 0.0f;
 #pragma unroll
       for (int k = 0; k < K; ++k) {
         h[k] = fmaf(rates.decay(k, delta), h[k], delta_u * bt[k]);
         y = fmaf(ct[k], h[k], y);
       }
-      sm.y_part[t * kThreads + threadIdx.x] = y;
+      sm.y_part[t * kPartPitch + threadIdx.x] = y;
     }
-    const int64_t end = t0 + len;
+    const int64_t end = min64(t0 + kTile, L);
     if (end % kCudaScanChunk == 0 || end == L) {
       float* saved = o.chunk_states + ((b * a.dim + lane.d) * chunks + (end - 1) / kCudaScanChunk) * N;
 #pragma unroll
@@ -224,221 +298,272 @@ __global__ void __launch_bounds__(kThreads) scan_forward_kernel(const ScanArgs a
         if (lane.owns(k, N)) saved[lane.state(k)] = h[k];
     }
     __syncthreads();
-    const T* z = static_cast<const T*>(a.z);
-    for_each_in_tile(blk.count, kTile, [&](int c, int t) {
-      if (t >= len) return;
-      const int64_t at = blk.first_row + c * L + t0 + t;
-      const float d_skip = a.D ? a.D[blk.first + c] : 0.0f;
-      const float zt = z ? load_float(z, at) : 0.0f;
+    if (t0 + pos >= L) continue;
+#pragma unroll
+    for (int r = 0; r < Rows::kPerThread; ++r) {
+      const int row = Rows::row(r);
+      if (row >= blk.count) continue;
       float y = 0.0f;
-      for (int sub = 0; sub < lay.lanes; ++sub) y += sm.y_part[t * kThreads + c * lay.lanes + sub];
-      store_float(static_cast<T*>(o.out), at, ss_output(y, sm.u[c * kPitch + t], d_skip, z, zt));
-    });
+#pragma unroll
+      for (int sub = 0; sub < Lay::kLanes; ++sub) y += sm.y_part[pos * kPartPitch + row * Lay::kLanes + sub];
+      const int slot = row * kPitch + pos;
+      store_float(static_cast<T*>(o.out), blk.first_row + row * L + t0 + pos,
+                  fmaf(sm.d_skip[row], sm.u[slot], y) * sm.gate[slot]);
+    }
   }
 }
 
+// ---- backward --------------------------------------------------------------------------------------
+
 // Shared memory of the backward, in floats, carved from the dynamic buffer.
-template <int K>
+template <typename Lay>
 struct BackwardShared {
-  static constexpr int kTile = Layout<K>::kBackwardTile, kPitch = kTile + 1;
-  static constexpr int kReducePitch = kThreads * K + 4;  // + 4: the 8 positions of a warp's reads hit 8 bank groups
-  float *delta, *u, *dy, *dsoftplus;  // staged per channel: delta', u, dL/dy, d delta' / d delta
+  static constexpr int K = Lay::kStates, kTile = Lay::kBackwardTile;
+  static constexpr int kPitch = kTile + 1, kRows = Lay::kChannels * kPitch;
+  static constexpr int kBcPitch = Lay::kPadded + 4;
+  static constexpr int kPartPitch = kThreads + 1, kParts = kTile * kPartPitch;
+  static constexpr int kReducePitch = kThreads * K + 4;  // + 4: the positions of a warp's reads hit distinct banks
+  // Staged per channel: delta', u, dL/dy, d delta' / d delta, and dL/dz / (y + D u).
+  float *delta, *u, *dy, *dsoftplus, *dz_factor;
+  // [channel][position in tile]: running sums of dL/dD and dL/d delta_bias, each slot always added to
+  // by the same thread.
+  float *d_skip_sum, *bias_sum;
   // [position][lane]: each lane's share of sum_n g B, sum_n g exp(delta A) h_{t-1} A and sum_n C h,
   // summed over a channel's lanes on output.
   float *grad_bu, *grad_delta_a, *y;
-  float *d_skip_sum, *bias_sum;       // [channel][position in tile]: running sums of dL/dD, dL/d delta_bias
-  float *b, *c;                       // [position][padded]
-  float *reduce;                      // [position][kReducePitch]: each lane's dB or dC terms, at lane * K
-  float *entry;                       // [tile of the chunk][kThreads * K]: the state entering each tile
+  float *b, *c;      // [position][kBcPitch]
+  float *reduce;     // [position][kReducePitch]: each lane's dB or dC terms, at lane * K
+  float *entry;      // [tile of the chunk][kThreads * K]: the state entering each tile, each lane its own
+  float *bias, *d_skip;
 
-  FASTLLM_HD static int64_t floats(const Layout<K>& lay) {
-    return 4 * lay.channels * kPitch + 3 * kTile * kThreads + 2 * lay.channels * kTile + 2 * kTile * lay.padded +
-           kTile * kReducePitch + Layout<K>::kTilesPerChunk * kThreads * K;
+  FASTLLM_HD static int64_t floats() {
+    return 7 * kRows + 3 * kParts + 2 * kTile * kBcPitch + kTile * kReducePitch +
+           Lay::kTilesPerChunk * kThreads * K + 2 * Lay::kChannels;
   }
-  FASTLLM_HD BackwardShared(float* base, const Layout<K>& lay) {
-    const int rows = lay.channels * kPitch, parts = kTile * kThreads, sums = lay.channels * kTile;
-    delta = base, u = delta + rows, dy = u + rows, dsoftplus = dy + rows;
-    grad_bu = dsoftplus + rows, grad_delta_a = grad_bu + parts, y = grad_delta_a + parts;
-    d_skip_sum = y + parts, bias_sum = d_skip_sum + sums;
-    b = bias_sum + sums, c = b + kTile * lay.padded;
-    reduce = c + kTile * lay.padded, entry = reduce + kTile * kReducePitch;
+  FASTLLM_HD explicit BackwardShared(float* base) {
+    delta = base, u = delta + kRows, dy = u + kRows, dsoftplus = dy + kRows, dz_factor = dsoftplus + kRows;
+    d_skip_sum = dz_factor + kRows, bias_sum = d_skip_sum + kRows;
+    grad_bu = bias_sum + kRows, grad_delta_a = grad_bu + kParts, y = grad_delta_a + kParts;
+    b = y + kParts, c = b + kTile * kBcPitch;
+    reduce = c + kTile * kBcPitch, entry = reduce + kTile * kReducePitch;
+    bias = entry + Lay::kTilesPerChunk * kThreads * K, d_skip = bias + Lay::kChannels;
+  }
+};
+
+// One step of the backward's walk over L: the chunks from last to first; in each, pass 1 over its
+// tiles 0 .. tiles - 2, then pass 2 over tiles tiles - 1 .. 0.
+template <int kTile>
+struct BackwardStep {
+  int64_t chunk;
+  int tile, tiles;
+  bool reverse;  // pass 2
+
+  FASTLLM_HD static BackwardStep first(int64_t length) {
+    const int64_t chunk = (length + kCudaScanChunk - 1) / kCudaScanChunk - 1;
+    return start_of(chunk, length);
+  }
+  FASTLLM_HD static BackwardStep start_of(int64_t chunk, int64_t length) {
+    const int tiles = static_cast<int>((min64(length, (chunk + 1) * kCudaScanChunk) - chunk * kCudaScanChunk +
+                                        kTile - 1) / kTile);
+    return {chunk, 0, tiles, tiles == 1};
+  }
+  FASTLLM_HD bool starts_chunk() const { return tile == 0 && (!reverse || tiles == 1); }
+  FASTLLM_HD int64_t t0() const { return chunk * kCudaScanChunk + int64_t(tile) * kTile; }
+  // The step after this one, false at the end of the walk.
+  FASTLLM_HD bool advance(int64_t length) {
+    if (!reverse) {
+      if (tile + 2 < tiles) ++tile;
+      else reverse = true, tile = tiles - 1;
+      return true;
+    }
+    if (tile > 0) return --tile, true;
+    if (chunk == 0) return false;
+    *this = start_of(chunk - 1, length);
+    return true;
   }
 };
 
 // Sum the lanes' terms in `reduce` over the block's channels, for states < N and positions < len, into
 // this block's partial slice (already offset to position t0).
-template <int K>
-__device__ void sum_over_channels(const BackwardShared<K>& sm, const Layout<K>& lay, int count, int64_t nstate,
-                                  int64_t length, int len, float* partial) {
-  constexpr int kTile = BackwardShared<K>::kTile;
+template <typename Lay>
+__device__ void sum_over_channels(const BackwardShared<Lay>& sm, int count, int64_t nstate, int64_t length, int len,
+                                  float* partial) {
+  constexpr int kTile = BackwardShared<Lay>::kTile;
   for (int i = threadIdx.x; i < nstate * kTile; i += kThreads) {
     const int n = i / kTile, t = i % kTile;
     if (t >= len) continue;
-    const float* row = sm.reduce + t * BackwardShared<K>::kReducePitch + n;
+    const float* row = sm.reduce + t * BackwardShared<Lay>::kReducePitch + n;
     float sum = 0.0f;
-    for (int c = 0; c < count; ++c) sum += row[c * lay.padded];
+    for (int c = 0; c < count; ++c) sum += row[c * Lay::kPadded];
     partial[n * length + t] = sum;
   }
 }
 
-// 4 blocks per SM: at most 128 registers, as many blocks as the shared memory (~53 KiB each) allows.
-template <typename T, int K>
+// 4 blocks per SM: at most 128 registers, as many blocks as the shared memory (~52 KiB at N <= 16) allows.
+template <typename T, typename Lay>
 __global__ void __launch_bounds__(kThreads, 4) scan_backward_kernel(const ScanArgs a, const ScanBackwardArgs gr) {
-  using Lay = Layout<K>;
-  using Shared = BackwardShared<K>;
-  constexpr int kTile = Lay::kBackwardTile, kPitch = Shared::kPitch;
-  const Lay lay(a.nstate);
-  const BlockChannels blk(a, lay, blockIdx.x, blockIdx.y);
-  const LaneStates<K> lane(lay, blk);
+  constexpr int K = Lay::kStates, kTile = Lay::kBackwardTile;
+  using Shared = BackwardShared<Lay>;
+  using Inputs = TileInputs<T, Lay, kTile>;
+  using Rows = typename Inputs::Rows;
+  using Step = BackwardStep<kTile>;
+  constexpr int kPitch = Shared::kPitch, kPartPitch = Shared::kPartPitch;
+  const BlockChannels blk(a, Lay{}, blockIdx.x, blockIdx.y);
+  const LaneStates<Lay> lane(blk);
   const DecayRates<K> rates(a, lane);
-  const Shared sm(dynamic_shared_floats(), lay);
+  const Shared sm(dynamic_shared_floats());
   const int64_t b = blk.batch, N = a.nstate, L = a.length, chunks = a.cuda_chunks(), bd = b * a.dim + lane.d;
-  const T* b_rows = static_cast<const T*>(a.B) + blk.bc_base;
-  const T* c_rows = static_cast<const T*>(a.C) + blk.bc_base;
-  const T* z = static_cast<const T*>(a.z);
-  const T* dout = static_cast<const T*>(gr.dout);
   // This block's slice of the (batch, groups, blocks per group, N, L) partial sums of dB and dC.
-  const int64_t partial_base = (((b * a.groups + blk.group) * lay.blocks_per_group(a.dim / a.groups) +
+  const int64_t partial_base = (((b * a.groups + blk.group) * Lay::blocks_per_group(a.dim / a.groups) +
                                  blk.index_in_group) * N) * L;
   float* my_entry = sm.entry + threadIdx.x * K;
   float* my_reduce = sm.reduce + threadIdx.x * K;
+  stage_channel_constants(a, blk, Lay::kChannels, sm.bias, sm.d_skip);
+  for (int i = threadIdx.x; i < Shared::kRows; i += kThreads) sm.d_skip_sum[i] = sm.bias_sum[i] = 0.0f;
 
   // q[k] = dL/dh_t carried from t + 1 (times its decay); from the last state's gradient at the end.
   float q[K], dA[K] = {};
 #pragma unroll
   for (int k = 0; k < K; ++k) q[k] = lane.owns(k, N) && gr.dlast_state ? gr.dlast_state[bd * N + lane.state(k)] : 0.0f;
-  for (int i = threadIdx.x; i < lay.channels * kTile; i += kThreads) sm.d_skip_sum[i] = sm.bias_sum[i] = 0.0f;
 
-  // Stage delta' and u (and, for pass 2, dL/dy and d delta'/d delta) of one tile.
-  auto stage = [&](int64_t t0, int len, bool gradients) {
-    for_each_in_tile(lay.channels, kTile, [&](int c, int t) {
-      const bool in = c < blk.count && t < len;
-      const int64_t at = blk.first_row + c * L + t0 + t;
-      const int slot = c * kPitch + t;
-      const float bias = in && a.delta_bias ? a.delta_bias[blk.first + c] : 0.0f;
-      const float raw = in ? load_float(static_cast<const T*>(a.delta), at) : 0.0f;
-      sm.delta[slot] = in ? ss_delta(raw, bias, a.softplus) : 0.0f;
-      sm.u[slot] = in ? load_float(static_cast<const T*>(a.u), at) : 0.0f;
-      if (!gradients) return;
-      float dy = 0.0f, dz_unused;
-      if (in) ss_output_grad(load_float(dout, at), 0.0f, 0.0f, 0.0f, z, z ? load_float(z, at) : 0.0f, dy, dz_unused);
-      sm.dy[slot] = dy;
-      sm.dsoftplus[slot] = in ? ss_delta_grad(raw, bias, a.softplus) : 0.0f;
-    });
-  };
-
-  for (int64_t chunk = chunks - 1; chunk >= 0; --chunk) {
-    const int64_t c0 = chunk * kCudaScanChunk;
-    const int tiles = static_cast<int>((min64(L, c0 + kCudaScanChunk) - c0 + kTile - 1) / kTile);
-
-    // Pass 1: the state entering each tile of the chunk, from the state saved before the chunk.
-    float h[K];
+  // The state entering a chunk, loaded with the chunk's first step.
+  auto load_chunk_entry = [&](int64_t chunk, float (&saved)[K]) {
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       const int64_t n = lane.state(k);
-      h[k] = !lane.owns(k, N)    ? 0.0f
-             : chunk > 0         ? gr.chunk_states[(bd * chunks + chunk - 1) * N + n]
-             : a.initial_state   ? a.initial_state[bd * N + n]
-                                 : 0.0f;
+      saved[k] = !lane.owns(k, N)    ? 0.0f
+                 : chunk > 0         ? gr.chunk_states[(bd * chunks + chunk - 1) * N + n]
+                 : a.initial_state   ? a.initial_state[bd * N + n]
+                                     : 0.0f;
     }
-    for (int j = 0; j < tiles; ++j) {
-      store_states<K>(my_entry + j * kThreads * K, h);
-      if (j + 1 == tiles) break;
-      const int64_t t0 = c0 + j * kTile;
-      __syncthreads();
-      stage(t0, kTile, false);  // every tile but the chunk's last is whole
-      stage_bc<T, K>(lay, kTile, b_rows, static_cast<const T*>(nullptr), N, L, t0, kTile, sm.b, sm.c);
-      __syncthreads();
+  };
+
+  const int pos = Rows::position();
+  Step step = Step::first(L);
+  Inputs next;
+  float next_entry[K];
+  auto prefetch = [&](const Step& s) {
+    next.load(a, s.reverse ? gr.dout : nullptr, blk, s.t0(), s.reverse);
+    if (s.starts_chunk()) load_chunk_entry(s.chunk, next_entry);
+  };
+  if (L > 0) prefetch(step);
+  float h[K];  // pass 1's state
+  for (bool more = L > 0; more;) {
+    const Step now = step;
+    more = step.advance(L);
+    const int64_t t0 = now.t0();
+    const int len = static_cast<int>(min64(kTile, L - t0));
+    __syncthreads();  // the previous step's values are consumed
+    if (now.starts_chunk()) store_states<K>(my_entry, next_entry);
+#pragma unroll
+    for (int r = 0; r < Rows::kPerThread; ++r) {
+      const int row = Rows::row(r);
+      if (row >= Lay::kChannels) continue;
+      const bool in = pos < len && row < blk.count;
+      const int slot = row * kPitch + pos;
+      const float raw = next.delta[r], bias = sm.bias[row];
+      sm.delta[slot] = in ? ss_delta(raw, bias, a.softplus) : 0.0f;
+      sm.u[slot] = next.u[r];
+      if (!now.reverse) continue;
+      float dy = next.dout[r], dz_factor = 0.0f;
+      if (a.z) {  // out = (y + D u) z s, s = sigmoid(z)
+        const float z = next.z[r], s = ss_sigmoid(z);
+        dy = next.dout[r] * z * s;
+        dz_factor = next.dout[r] * s * (1.0f + z * (1.0f - s));
+      }
+      sm.dy[slot] = dy;
+      sm.dz_factor[slot] = dz_factor;
+      sm.dsoftplus[slot] = in ? ss_delta_grad(raw, bias, a.softplus) : 0.0f;
+    }
+    next.template stage_bc<Shared::kBcPitch>(sm.b, now.reverse ? sm.c : nullptr);
+    __syncthreads();
+    if (more) prefetch(step);
+
+    if (!now.reverse) {
+      // Pass 1: from the state entering tile `tile` to the one entering the next tile.
+      if (now.tile == 0) load_states<K>(my_entry, h);
 #pragma unroll
       for (int t = 0; t < kTile; ++t) {
         const float delta = sm.delta[lane.channel * kPitch + t], delta_u = delta * sm.u[lane.channel * kPitch + t];
         float bt[K];
-        load_states<K>(sm.b + t * lay.padded + lane.sub * K, bt);
+        load_states<K>(sm.b + t * Shared::kBcPitch + lane.sub * K, bt);
 #pragma unroll
         for (int k = 0; k < K; ++k) h[k] = fmaf(rates.decay(k, delta), h[k], delta_u * bt[k]);
       }
+      store_states<K>(my_entry + (now.tile + 1) * kThreads * K, h);
+      continue;
     }
 
-    // Pass 2: the tiles in reverse.
-    for (int j = tiles - 1; j >= 0; --j) {
-      const int64_t t0 = c0 + j * kTile;
-      const int len = static_cast<int>(min64(kTile, L - t0));
-      __syncthreads();
-      stage(t0, len, true);
-      stage_bc<T, K>(lay, kTile, b_rows, c_rows, N, L, t0, len, sm.b, sm.c);
-      __syncthreads();
-
-      // The tile's states (hs[t] after position t), and the dC terms dL/dy_t h_t.
-      float entry[K], hs[kTile][K];
-      load_states<K>(my_entry + j * kThreads * K, entry);
+    // Pass 2. The tile's states (hs[t] after position t), and the dC terms dL/dy_t h_t. Positions past
+    // L are staged as no-op steps.
+    float entry[K], hs[kTile][K];
+    load_states<K>(my_entry + now.tile * kThreads * K, entry);
 #pragma unroll
-      for (int t = 0; t < kTile; ++t) {
-        const int slot = lane.channel * kPitch + t;
-        const float delta = sm.delta[slot], delta_u = delta * sm.u[slot], dy = sm.dy[slot];
-        float bt[K], dc[K];
-        load_states<K>(sm.b + t * lay.padded + lane.sub * K, bt);
+    for (int t = 0; t < kTile; ++t) {
+      const int slot = lane.channel * kPitch + t;
+      const float delta = sm.delta[slot], delta_u = delta * sm.u[slot], dy = sm.dy[slot];
+      float bt[K], dc[K];
+      load_states<K>(sm.b + t * Shared::kBcPitch + lane.sub * K, bt);
 #pragma unroll
-        for (int k = 0; k < K; ++k) {
-          hs[t][k] = fmaf(rates.decay(k, delta), t > 0 ? hs[t - 1][k] : entry[k], delta_u * bt[k]);
-          dc[k] = dy * hs[t][k];
-        }
-        store_states<K>(my_reduce + t * Shared::kReducePitch, dc);
+      for (int k = 0; k < K; ++k) {
+        hs[t][k] = fmaf(rates.decay(k, delta), t > 0 ? hs[t - 1][k] : entry[k], delta_u * bt[k]);
+        dc[k] = dy * hs[t][k];
       }
-      __syncthreads();
-      sum_over_channels<K>(sm, lay, blk.count, N, L, len, gr.dC + partial_base + t0);
-      __syncthreads();
+      store_states<K>(my_reduce + t * Shared::kReducePitch, dc);
+    }
+    __syncthreads();
+    sum_over_channels<Lay>(sm, blk.count, N, L, len, gr.dC + partial_base + t0);
+    __syncthreads();
 
-      // Reverse: g = dL/dh_t = C_t dy_t + q; q <- exp(delta_t A) g for position t - 1.
+    // Reverse: g = dL/dh_t = C_t dy_t + q; q <- exp(delta_t A) g for position t - 1.
 #pragma unroll
-      for (int t = kTile - 1; t >= 0; --t) {
-        if (t >= len) continue;
-        const int slot = lane.channel * kPitch + t;
-        const float delta = sm.delta[slot], u = sm.u[slot], dy = sm.dy[slot], delta_u = delta * u;
-        float bt[K], ct[K], db[K];
-        load_states<K>(sm.b + t * lay.padded + lane.sub * K, bt);
-        load_states<K>(sm.c + t * lay.padded + lane.sub * K, ct);
-        float grad_bu = 0.0f, grad_delta_a = 0.0f, y = 0.0f;  // sums over states of g B, g a h_{t-1} A, C h
+    for (int t = kTile - 1; t >= 0; --t) {
+      if (t >= len) continue;
+      const int slot = lane.channel * kPitch + t;
+      const float delta = sm.delta[slot], dy = sm.dy[slot], delta_u = delta * sm.u[slot];
+      float bt[K], ct[K], db[K];
+      load_states<K>(sm.b + t * Shared::kBcPitch + lane.sub * K, bt);
+      load_states<K>(sm.c + t * Shared::kBcPitch + lane.sub * K, ct);
+      float grad_bu = 0.0f, grad_delta_a = 0.0f, y = 0.0f;  // sums over states of g B, g a h_{t-1} A, C h
 #pragma unroll
-        for (int k = 0; k < K; ++k) {
-          const float decay = rates.decay(k, delta);
-          const float g = fmaf(ct[k], dy, q[k]);
-          const float g_log_decay = g * decay * (t > 0 ? hs[t - 1][k] : entry[k]);  // dL / d(delta A)
-          db[k] = g * delta_u;
-          grad_bu = fmaf(g, bt[k], grad_bu);
-          grad_delta_a = fmaf(g_log_decay, rates.a[k], grad_delta_a);
-          dA[k] = fmaf(g_log_decay, delta, dA[k]);
-          y = fmaf(ct[k], hs[t][k], y);
-          q[k] = decay * g;
-        }
-        store_states<K>(my_reduce + t * Shared::kReducePitch, db);
-        const int part = t * kThreads + threadIdx.x;
-        sm.grad_bu[part] = grad_bu, sm.grad_delta_a[part] = grad_delta_a, sm.y[part] = y;
+      for (int k = 0; k < K; ++k) {
+        const float decay = rates.decay(k, delta);
+        const float g = fmaf(ct[k], dy, q[k]);
+        const float g_log_decay = g * decay * (t > 0 ? hs[t - 1][k] : entry[k]);  // dL / d(delta A)
+        db[k] = g * delta_u;
+        grad_bu = fmaf(g, bt[k], grad_bu);
+        grad_delta_a = fmaf(g_log_decay, rates.a[k], grad_delta_a);
+        dA[k] = fmaf(g_log_decay, delta, dA[k]);
+        y = fmaf(ct[k], hs[t][k], y);
+        q[k] = decay * g;
       }
-      __syncthreads();
-      sum_over_channels<K>(sm, lay, blk.count, N, L, len, gr.dB + partial_base + t0);
-      // Per (channel, position), always by the same thread: the running sums need no atomics.
-      for_each_in_tile(blk.count, kTile, [&](int c, int t) {
-        if (t >= len) return;
-        float grad_bu = 0.0f, grad_delta_a = 0.0f, y = 0.0f;
-        for (int sub = 0; sub < lay.lanes; ++sub) {
-          const int part = t * kThreads + c * lay.lanes + sub;
-          grad_bu += sm.grad_bu[part], grad_delta_a += sm.grad_delta_a[part], y += sm.y[part];
-        }
-        const int64_t at = blk.first_row + c * L + t0 + t;
-        const int slot = c * kPitch + t;
-        const float delta = sm.delta[slot], u = sm.u[slot], dy = sm.dy[slot];
-        const float d_skip = a.D ? a.D[blk.first + c] : 0.0f;
-        const float ddelta = fmaf(u, grad_bu, grad_delta_a) * sm.dsoftplus[slot];
-        store_float(static_cast<T*>(gr.du), at, fmaf(delta, grad_bu, d_skip * dy));
-        store_float(static_cast<T*>(gr.ddelta), at, ddelta);
-        sm.d_skip_sum[c * kTile + t] = fmaf(dy, u, sm.d_skip_sum[c * kTile + t]);
-        sm.bias_sum[c * kTile + t] += ddelta;
-        if (z) {
-          float dy_unused, dz;
-          ss_output_grad(load_float(dout, at), y, u, d_skip, true, load_float(z, at), dy_unused, dz);
-          store_float(static_cast<T*>(gr.dz), at, dz);
-        }
-      });
+      store_states<K>(my_reduce + t * Shared::kReducePitch, db);
+      const int part = t * kPartPitch + threadIdx.x;
+      sm.grad_bu[part] = grad_bu, sm.grad_delta_a[part] = grad_delta_a, sm.y[part] = y;
+    }
+    __syncthreads();
+    sum_over_channels<Lay>(sm, blk.count, N, L, len, gr.dB + partial_base + t0);
+    if (pos >= len) continue;
+    // Per (channel, position), always by the same thread: the running sums need no atomics.
+#pragma unroll
+    for (int r = 0; r < Rows::kPerThread; ++r) {
+      const int row = Rows::row(r);
+      if (row >= blk.count) continue;
+      float grad_bu = 0.0f, grad_delta_a = 0.0f, y = 0.0f;
+#pragma unroll
+      for (int sub = 0; sub < Lay::kLanes; ++sub) {
+        const int part = pos * kPartPitch + row * Lay::kLanes + sub;
+        grad_bu += sm.grad_bu[part], grad_delta_a += sm.grad_delta_a[part], y += sm.y[part];
+      }
+      const int64_t at = blk.first_row + row * L + t0 + pos;
+      const int slot = row * kPitch + pos;
+      const float delta = sm.delta[slot], u = sm.u[slot], dy = sm.dy[slot], d_skip = sm.d_skip[row];
+      const float ddelta = fmaf(u, grad_bu, grad_delta_a) * sm.dsoftplus[slot];
+      store_float(static_cast<T*>(gr.du), at, fmaf(delta, grad_bu, d_skip * dy));
+      store_float(static_cast<T*>(gr.ddelta), at, ddelta);
+      if (a.z) store_float(static_cast<T*>(gr.dz), at, fmaf(d_skip, u, y) * sm.dz_factor[slot]);
+      sm.d_skip_sum[slot] = fmaf(dy, u, sm.d_skip_sum[slot]);
+      sm.bias_sum[slot] += ddelta;
     }
   }
 
@@ -451,7 +576,7 @@ __global__ void __launch_bounds__(kThreads, 4) scan_backward_kernel(const ScanAr
   __syncthreads();
   for (int c = threadIdx.x; c < blk.count; c += kThreads) {
     float d_skip = 0.0f, bias = 0.0f;
-    for (int t = 0; t < kTile; ++t) d_skip += sm.d_skip_sum[c * kTile + t], bias += sm.bias_sum[c * kTile + t];
+    for (int t = 0; t < kTile; ++t) d_skip += sm.d_skip_sum[c * kPitch + t], bias += sm.bias_sum[c * kPitch + t];
     gr.dD_partial[b * a.dim + blk.first + c] = d_skip;
     gr.ddelta_bias_partial[b * a.dim + blk.first + c] = bias;
   }
@@ -459,32 +584,44 @@ __global__ void __launch_bounds__(kThreads, 4) scan_backward_kernel(const ScanAr
 
 // ---- launch configuration, shared by the launchers and tests/cuda_emulator ------------------------
 
-inline int64_t tiles_per_group(int64_t per_group, int64_t nstate) {
-  return states_per_lane(nstate) == 4 ? Layout<4>(nstate).blocks_per_group(per_group)
-                                      : Layout<8>(nstate).blocks_per_group(per_group);
+// Calls pick(Layout<K, LANES>{}) with the layout for N (1 <= N <= 256).
+template <typename Pick>
+void with_layout(int64_t nstate, Pick&& pick) {
+  switch (lanes_per_channel(nstate)) {
+    case 1: return pick(Layout<4, 1>{});
+    case 2: return pick(Layout<4, 2>{});
+    case 4: return pick(Layout<4, 4>{});
+    case 8: return pick(Layout<4, 8>{});
+    case 16: return pick(Layout<4, 16>{});
+  }
+  if (states_per_lane(nstate) == 4) return pick(Layout<4, 32>{});
+  pick(Layout<8, 32>{});
 }
 
-template <int K>
+inline int64_t tiles_per_group(int64_t per_group, int64_t nstate) {
+  int64_t blocks = 0;
+  with_layout(nstate, [&](auto lay) { blocks = decltype(lay)::blocks_per_group(per_group); });
+  return blocks;
+}
+
+template <typename Lay>
 dim3 grid_of(const ScanArgs& a) {
-  const int64_t blocks = a.groups * Layout<K>(a.nstate).blocks_per_group(a.dim / a.groups);
+  const int64_t blocks = a.groups * Lay::blocks_per_group(a.dim / a.groups);
   if (a.batch > 65535) throw std::invalid_argument("selective_scan (CUDA): batch must be at most 65535");
   if (blocks > (int64_t(1) << 31) - 1) throw std::invalid_argument("selective_scan (CUDA): dim too large");
   return dim3{static_cast<unsigned>(blocks), static_cast<unsigned>(a.batch), 1};
 }
 
-// Calls pick(element, states per lane) with a value of the element type for the dtype code and an
-// std::integral_constant K for N; nothing when there is no channel (a grid may not be empty).
+// Calls pick(element, layout) with a value of the element type for the dtype code and the layout for
+// N; nothing when there is no channel (a grid may not be empty).
 template <typename Pick>
 void with_instantiation(const ScanArgs& a, int dtype, Pick&& pick) {
   if (a.batch == 0 || a.dim == 0) return;
-  auto by_states = [&](auto element) {
-    if (states_per_lane(a.nstate) == 4) return pick(element, std::integral_constant<int, 4>{});
-    pick(element, std::integral_constant<int, 8>{});
-  };
+  auto by_layout = [&](auto element) { with_layout(a.nstate, [&](auto lay) { pick(element, lay); }); };
   switch (static_cast<DType>(dtype)) {
-    case DType::Float32: return by_states(float{});
-    case DType::BFloat16: return by_states(bfloat16{});
-    case DType::Float16: return by_states(float16{});
+    case DType::Float32: return by_layout(float{});
+    case DType::BFloat16: return by_layout(bfloat16{});
+    case DType::Float16: return by_layout(float16{});
   }
   unsupported_dtypes("selective_scan", dtype, dtype);
 }
@@ -492,20 +629,19 @@ void with_instantiation(const ScanArgs& a, int dtype, Pick&& pick) {
 // Calls launch(kernel, grid, shared bytes) with the forward kernel for the dtype code and N.
 template <typename Launch>
 void with_forward_kernel(const ScanArgs& a, int dtype, Launch&& launch) {
-  with_instantiation(a, dtype, [&](auto element, auto states) {
-    constexpr int K = decltype(states)::value;
-    launch(scan_forward_kernel<decltype(element), K>, grid_of<K>(a),
-           sizeof(float) * ForwardShared<K>::floats(Layout<K>(a.nstate)));
+  with_instantiation(a, dtype, [&](auto element, auto lay) {
+    using Lay = decltype(lay);
+    launch(scan_forward_kernel<decltype(element), Lay>, grid_of<Lay>(a), sizeof(float) * ForwardShared<Lay>::floats());
   });
 }
 
 // The same for the backward kernel.
 template <typename Launch>
 void with_backward_kernel(const ScanArgs& a, int dtype, Launch&& launch) {
-  with_instantiation(a, dtype, [&](auto element, auto states) {
-    constexpr int K = decltype(states)::value;
-    launch(scan_backward_kernel<decltype(element), K>, grid_of<K>(a),
-           sizeof(float) * BackwardShared<K>::floats(Layout<K>(a.nstate)));
+  with_instantiation(a, dtype, [&](auto element, auto lay) {
+    using Lay = decltype(lay);
+    launch(scan_backward_kernel<decltype(element), Lay>, grid_of<Lay>(a),
+           sizeof(float) * BackwardShared<Lay>::floats());
   });
 }
 

@@ -246,6 +246,10 @@ EMULATED_CASES = [
     dict(batch=2, dim=6, length=37, nstate=5, groups=3, z=False, initial=False),  # N not a multiple of 4
     dict(batch=1, dim=40, length=70, nstate=16, groups=1, D=False, bias=False, softplus=False),  # 2 blocks
     dict(batch=1, dim=2, length=21, nstate=130, D=False, initial=False),  # 8 states per lane
+    # The other lanes-per-channel layouts, each over two blocks.
+    dict(batch=1, dim=17, length=67, nstate=32, initial=False),
+    dict(batch=1, dim=10, length=13, nstate=64, groups=2),
+    dict(batch=1, dim=5, length=9, nstate=100, z=False),
     dict(batch=0, dim=4, length=9, nstate=16),  # no launch
 ]
 
