@@ -87,9 +87,19 @@ FASTLLM_HD float ss_exp(float x) {
 #endif
 }
 
+// a / b for 1 <= b: on GPUs the special-function unit's reciprocal and a product (2 ulp; 0 once b
+// passes 2^126), not IEEE division's dozen instructions and slow-path branch.
+FASTLLM_HD float ss_divide(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fdividef(a, b);
+#else
+  return a / b;
+#endif
+}
+
 // log(1 + x) for 0 <= x <= 1 as 2 atanh(s), s = x / (2 + x) <= 1/3: an odd series to s^15.
 FASTLLM_HD float ss_log1p_unit(float x) {
-  const float s = x / (2.0f + x), s2 = s * s;
+  const float s = ss_divide(x, 2.0f + x), s2 = s * s;
   float p = 1.0f / 15.0f;
   p = p * s2 + 1.0f / 13.0f;
   p = p * s2 + 1.0f / 11.0f;
@@ -100,7 +110,7 @@ FASTLLM_HD float ss_log1p_unit(float x) {
   return 2.0f * s + 2.0f * s * (s2 * p);
 }
 
-FASTLLM_HD float ss_sigmoid(float x) { return 1.0f / (1.0f + ss_exp(-x)); }
+FASTLLM_HD float ss_sigmoid(float x) { return ss_divide(1.0f, 1.0f + ss_exp(-x)); }
 
 // torch.nn.functional.softplus (threshold 20) as max(x, 0) + log(1 + exp(-|x|)).
 FASTLLM_HD float ss_softplus(float x) {

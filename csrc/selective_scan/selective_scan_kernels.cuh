@@ -384,18 +384,22 @@ struct BackwardStep {
 };
 
 // Sum the lanes' terms in `reduce` over the block's channels, for states < N and positions < len, into
-// this block's partial slice (already offset to position t0).
+// this block's partial slice (already offset to position t0). Every channel slot is added, so the
+// loop unrolls: lanes of missing channels hold exact zeros (their dL/dy, delta' and states are 0).
 template <typename Lay>
-__device__ void sum_over_channels(const BackwardShared<Lay>& sm, int count, int64_t nstate, int64_t length, int len,
+__device__ void sum_over_channels(const BackwardShared<Lay>& sm, int64_t nstate, int64_t length, int len,
                                   float* partial) {
-  constexpr int kTile = BackwardShared<Lay>::kTile;
-  for (int i = threadIdx.x; i < nstate * kTile; i += kThreads) {
-    const int n = i / kTile, t = i % kTile;
-    if (t >= len) continue;
+  constexpr int kTile = BackwardShared<Lay>::kTile, kElements = Lay::kPadded * kTile;
+  static_assert(Lay::kChannels % 4 == 0, "four running sums");
+#pragma unroll
+  for (int first = 0; first < kElements; first += kThreads) {
+    const int i = first + threadIdx.x, n = i / kTile, t = i % kTile;
+    if (i >= kElements || n >= nstate || t >= len) continue;
     const float* row = sm.reduce + t * BackwardShared<Lay>::kReducePitch + n;
-    float sum = 0.0f;
-    for (int c = 0; c < count; ++c) sum += row[c * Lay::kPadded];
-    partial[n * length + t] = sum;
+    float sums[4] = {};
+#pragma unroll
+    for (int c = 0; c < Lay::kChannels; ++c) sums[c % 4] += row[c * Lay::kPadded];
+    partial[n * length + t] = (sums[0] + sums[1]) + (sums[2] + sums[3]);
   }
 }
 
@@ -512,7 +516,7 @@ __global__ void __launch_bounds__(kThreads, 4) scan_backward_kernel(const ScanAr
       store_states<K>(my_reduce + t * Shared::kReducePitch, dc);
     }
     __syncthreads();
-    sum_over_channels<Lay>(sm, blk.count, N, L, len, gr.dC + partial_base + t0);
+    sum_over_channels<Lay>(sm, N, L, len, gr.dC + partial_base + t0);
     __syncthreads();
 
     // Reverse: g = dL/dh_t = C_t dy_t + q; q <- exp(delta_t A) g for position t - 1.
@@ -542,7 +546,7 @@ __global__ void __launch_bounds__(kThreads, 4) scan_backward_kernel(const ScanAr
       sm.grad_bu[part] = grad_bu, sm.grad_delta_a[part] = grad_delta_a, sm.y[part] = y;
     }
     __syncthreads();
-    sum_over_channels<Lay>(sm, blk.count, N, L, len, gr.dB + partial_base + t0);
+    sum_over_channels<Lay>(sm, N, L, len, gr.dB + partial_base + t0);
     if (pos >= len) continue;
     // Per (channel, position), always by the same thread: the running sums need no atomics.
 #pragma unroll
