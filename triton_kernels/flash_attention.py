@@ -144,6 +144,17 @@ def _rows(IDX, offs, T, MODE: tl.constexpr):
 
 
 @triton.jit
+def _scaled_minus_stats(s, scale_log2, m, log2_l, IEEE: tl.constexpr):
+    """The exponent of the backward's recomputed probabilities, s * scale_log2 - m - log2(l). The fp32
+    (test) path subtracts m and log2(l) in turn, m exactly as the forward did; half-precision inputs
+    subtract their sum, one operation per score fewer (its rounding is far below theirs)."""
+    if IEEE:
+        return tl.fma(s, scale_log2, -m) - log2_l
+    else:
+        return tl.fma(s, scale_log2, -(m + log2_l))
+
+
+@triton.jit
 def _tile_ranges(lo, hi, valid, BLOCK: tl.constexpr):
     """Splits the tiles that the windows [lo, hi) of one block reach into three runs,
     [first, full_lo) partly seen, [full_lo, full_hi) seen whole by every valid index, [full_hi, end)
@@ -288,7 +299,7 @@ def _dkdv_tiles(dk, dv, k, v, q_head, do_head, STATS, DELTA, LO, HI, QIDX, row_b
             m = tl.load(STATS + row_base + offs_m)
             log2_l = tl.load(STATS + n_rows + row_base + offs_m)
             delta = tl.load(DELTA + row_base + offs_m)
-        pt = tl.math.exp2(tl.fma(_dot(k, qt, IEEE), scale_log2, -m[None, :]) - log2_l[None, :])
+        pt = tl.math.exp2(_scaled_minus_stats(_dot(k, qt, IEEE), scale_log2, m[None, :], log2_l[None, :], IEEE))
         if MASKED:
             lo, hi = _windows(LO + row_base, HI + row_base, offs_m, T, MODE, False)
             visible = (offs_n[:, None] >= lo[None, :]) & (offs_n[:, None] < hi[None, :])
@@ -364,7 +375,7 @@ def _dq_tiles(dq, q, do, m, log2_l, delta, K, V, KIDX, lo, hi, tile_start, tile_
         else:
             kt = tl.load(K + k_rows[None, :] * stride_kt + offs_d[:, None])
             vt = tl.load(V + k_rows[None, :] * stride_vt + offs_d[:, None])
-        p = tl.math.exp2(tl.fma(_dot(q, kt, IEEE), scale_log2, -m[:, None]) - log2_l[:, None])
+        p = tl.math.exp2(_scaled_minus_stats(_dot(q, kt, IEEE), scale_log2, m[:, None], log2_l[:, None], IEEE))
         if MASKED:
             visible = (offs_n[None, :] >= lo[:, None]) & (offs_n[None, :] < hi[:, None])
             p = tl.where(visible, p, 0.0)
