@@ -403,7 +403,7 @@ __device__ void sum_over_channels(const BackwardShared<Lay>& sm, int64_t nstate,
   }
 }
 
-// 4 blocks per SM: at most 128 registers, as many blocks as the shared memory (~52 KiB at N <= 16) allows.
+// 4 blocks per SM: at most 128 registers, as many blocks as the shared memory (54 KiB at N = 16) allows.
 template <typename T, typename Lay>
 __global__ void __launch_bounds__(kThreads, 4) scan_backward_kernel(const ScanArgs a, const ScanBackwardArgs gr) {
   constexpr int K = Lay::kStates, kTile = Lay::kBackwardTile;
