@@ -2,7 +2,8 @@
 batch 1 and 64, 1024 generated tokens after a 16-token prompt, bf16, greedy, on GPU. Both replay
 their decoding step as a CUDA graph (``generate``'s default). The Mamba LM keeps a constant-size
 state per layer; the Transformer's step writes its KV cache at a device-side position and attends
-over the whole preallocated cache under a mask, so its cost per token is that of the longest text.
+under a mask over the smallest span of the preallocated cache (64, 128, ... slots, or all of it)
+that holds the position.
 
 Same size: a Mamba layer (expand 2) holds about 6 dim^2 parameters, a Llama layer (SwiGLU) about
 12 dim^2, so the Mamba LM has twice the layers.

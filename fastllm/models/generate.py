@@ -27,15 +27,42 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+SMALLEST_SPAN = 64  # attention spans of graphed decoding: powers of two from here, and the capacity
+
+
+def attention_spans(first_end: int, capacity: int) -> list[int]:
+    """The spans decoding steps attend over, ascending: each power of two from SMALLEST_SPAN that a step
+    ending at ``first_end`` or later can use, then ``capacity``."""
+    spans, span = [], SMALLEST_SPAN
+    while span < capacity:
+        if span >= first_end:
+            spans.append(span)
+        span *= 2
+    return spans + [capacity]
+
+
 class _GraphedStep:
-    """model(ids, cache=cache) for one token as a CUDA graph, captured once and replayed per token, so
+    """model(ids, cache=cache) for one token as CUDA graphs, captured once and replayed per token, so
     that small-batch decoding is not bound by Python and kernel launches (some 20 kernels per layer).
     For caches whose step has fixed shapes and buffers (``cache.step_state()`` is not None) and room
-    for two more tokens: the warm-up and the capture each count one, and both are undone."""
+    for two more tokens: the warm-up and the capture each count one, and both are undone. A cache with
+    keys gets one graph per attention span (``attention_spans``), all in one memory pool, and each
+    step replays the smallest span that holds its position."""
 
     def __init__(self, model, cache, ids: torch.Tensor):
         self.cache, self.ids = cache, ids.clone()
+        self.pool = torch.cuda.graph_pool_handle()
+        full = cache.span
+        spans = [None] if full is None else attention_spans(cache.pos + ids.shape[1], full)
+        try:
+            self.graphs = {span: self._capture(model, span) for span in spans}
+        finally:
+            cache.span = full
+
+    def _capture(self, model, span: int | None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        cache = self.cache
         saved, pos = [t.clone() for t in cache.step_state()], cache.pos
+        cache.span = span
         try:
             # Warm up on a side stream first (lazy initialisation, autotuning), as capture requires.
             side = torch.cuda.Stream(self.ids.device)
@@ -43,21 +70,25 @@ class _GraphedStep:
             with torch.cuda.stream(side):
                 model(self.ids, cache=cache)
             torch.cuda.current_stream(self.ids.device).wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.logits = model(self.ids, cache=cache)[:, -1]
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                logits = model(self.ids, cache=cache)[:, -1]
+            return graph, logits
         finally:
             for state, before in zip(cache.step_state(), saved):
                 state.copy_(before)
             cache.pos = pos
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        """The last position's logits (a buffer the next call overwrites)."""
+        """The last position's logits (a buffer that a later call may overwrite)."""
         self.cache.check_room(*ids.shape)  # the replay runs kernels only: the bookkeeping is done here
+        end = self.cache.pos + ids.shape[1]
+        span = next((s for s in self.graphs if s is None or s >= end))
+        graph, logits = self.graphs[span]
         self.ids.copy_(ids)
-        self.graph.replay()
+        graph.replay()
         self.cache.advance(ids.shape[1])
-        return self.logits
+        return logits
 
 
 @torch.no_grad()
@@ -69,8 +100,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
     A row that produced ``eos_id`` continues with ``eos_id``; sampling stops early once every row has.
     The model runs in eval mode and is returned to its previous mode. With ``cuda_graph``, on a CUDA
     device, the decoding step is replayed as a CUDA graph where the model's cache allows fixed-shape
-    steps: a recurrent state (Mamba), a KV cache under dense attention (attending over the whole
-    cache under a mask, so each token costs the attention of the full ``T0 + max_new_tokens``).
+    steps: a recurrent state (Mamba), a KV cache under dense attention (attending under a mask over
+    the cache's first 64, 128, ... slots, whichever is the smallest that holds the position).
     """
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be (batch, seq) with seq >= 1, got shape {tuple(input_ids.shape)}")

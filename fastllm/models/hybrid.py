@@ -98,6 +98,15 @@ class HybridCache(SequenceCache):
         for part in self.parts:
             part.pos = value
 
+    @property
+    def span(self) -> int | None:
+        return None if self.kv is None else self.kv.span
+
+    @span.setter
+    def span(self, value: int | None) -> None:
+        if self.kv is not None:
+            self.kv.span = value
+
     def positions(self, new_tokens: int, device=None) -> torch.Tensor:
         return super().positions(new_tokens, device) if self.kv is None else self.kv.positions(new_tokens, device)
 

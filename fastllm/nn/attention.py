@@ -7,7 +7,7 @@ query i see keys up to Tk - Tq + i. ``doc_ids`` (B, Tk) gives each position's do
 never crosses documents. Register new implementations (fastllm kernels as they land) by name; model
 configs select one with ``attention: str``. Functions registered as ``dense`` compute plain softmax
 attention over every visible key, so a fixed-shape decoding step (``KVCache(fixed_shape=True)``) may
-compute them as masked SDPA over the whole cache.
+compute them as masked SDPA over the cache's span.
 """
 
 from __future__ import annotations
@@ -184,7 +184,7 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
     def _fixed_shape_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache) -> torch.Tensor:
-        """Attention of T new tokens over the whole fixed-shape cache under its visibility mask. Query
+        """Attention of T new tokens over the fixed-shape cache's span under its visibility mask. Query
         heads sharing a key/value head are stacked along the query axis, so the mask covers them all
         and the cache is never expanded."""
         if not is_dense_attention(self.attention_name):

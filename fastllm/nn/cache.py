@@ -11,6 +11,7 @@ class SequenceCache:
     kind = "cache"  # how errors name it
     pos: int
     fixed_shape = False  # whether attention layers take the fixed-shape step (see KVCache)
+    span: int | None = None  # the key slots a fixed-shape step attends over; None: no keys (see KVCache)
 
     def check_room(self, batch_size: int, new_tokens: int) -> None:
         if batch_size != self.batch_size:
@@ -40,9 +41,11 @@ class KVCache(SequenceCache):
     ``advance`` with the number of new tokens.
 
     With ``fixed_shape``, the position also lives on the device (``position``): a step writes its
-    keys/values there by index and attends over the whole buffer under ``visible_keys``, so every step
-    of T tokens has the same shapes and buffers. Slots past the position hold nothing a step reads,
-    so ``position`` alone is the state that undoes a step.
+    keys/values there by index and attends over the first ``span`` slots (the whole buffer unless set
+    lower) under ``visible_keys``, so every step of T tokens has the same shapes and buffers. Slots
+    past the position hold nothing a step reads, so ``position`` alone is the state that undoes a step.
+    Decoding replays one graph per span, the smallest that holds the position, so that early tokens
+    do not pay for attention over the whole buffer.
     """
 
     kind = "KV cache"
@@ -54,6 +57,7 @@ class KVCache(SequenceCache):
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.pos = 0
         self.position = torch.zeros((), dtype=torch.int64, device=device) if fixed_shape else None
+        self.span = max_seq_len if fixed_shape else None
         self._step: tuple[torch.Tensor, torch.Tensor] | None = None  # this step's positions and mask
 
     @property
@@ -74,30 +78,33 @@ class KVCache(SequenceCache):
         # A fixed-shape step makes its positions and visibility mask once, when its forward asks for
         # the positions (rotary_tables), and every layer reuses them until advance().
         slots = self.position + torch.arange(new_tokens, device=self.position.device)
-        self._step = slots, torch.arange(self.max_seq_len, device=slots.device) <= slots[:, None]
+        self._step = slots, torch.arange(self.span, device=slots.device) <= slots[:, None]
         return slots
 
     def _step_tables(self, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._step is None or self._step[0].shape[0] != new_tokens:
+        if self.pos + new_tokens > self.span:
+            raise ValueError(f"{self.kind}: {self.pos} cached + {new_tokens} new tokens exceed the span of "
+                             f"{self.span} slots a fixed-shape step attends over")
+        if self._step is None or self._step[0].shape[0] != new_tokens or self._step[1].shape[1] != self.span:
             self.positions(new_tokens)
         return self._step
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Stores this layer's new keys/values and returns all of them up to the new tokens (with
-        ``fixed_shape``: the whole buffer, to be read under ``visible_keys``)."""
+        ``fixed_shape``: the first ``span`` slots, to be read under ``visible_keys``)."""
         if self.fixed_shape:
             slots = self._step_tables(k.shape[2])[0]
             self.k[layer].index_copy_(2, slots, k.to(self.k.dtype))  # as the slice assignment below casts
             self.v[layer].index_copy_(2, slots, v.to(self.v.dtype))
-            return self.k[layer], self.v[layer]
+            return self.k[layer, :, :, :self.span], self.v[layer, :, :, :self.span]
         end = self.pos + k.shape[2]
         self.k[layer, :, :, self.pos:end] = k
         self.v[layer, :, :, self.pos:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
     def visible_keys(self, new_tokens: int) -> torch.Tensor:
-        """(new_tokens, max_seq_len) booleans of a fixed-shape step: new token i sees the slots up to its
-        own position."""
+        """(new_tokens, span) booleans of a fixed-shape step: new token i sees the slots up to its own
+        position."""
         return self._step_tables(new_tokens)[1]
 
     def advance(self, new_tokens: int) -> None:

@@ -1,3 +1,4 @@
+import importlib
 import json
 import warnings
 
@@ -6,8 +7,11 @@ import torch
 
 from fastllm.models import (ApertusConfig, LlamaConfig, build_model, config_from_dict, generate, model_names,
                             register_model)
+from fastllm.models.generate import attention_spans
 from fastllm.nn import KVCache
 from fastllm.testing import requires_cuda
+
+generate_module = importlib.import_module("fastllm.models.generate")  # `generate` is also the function
 
 TINY = {"vocab_size": 97, "dim": 48, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "hidden_dim": 80}
 
@@ -56,6 +60,34 @@ def test_fixed_shape_step_is_undone_by_its_step_state():
     torch.testing.assert_close(torch.cat(steps, dim=1), full[:, 7:], atol=1e-5, rtol=1e-5)
 
 
+def test_fixed_shape_steps_over_shorter_spans():
+    # Graphed decoding attends over the first `span` slots only, switching to longer spans as it goes.
+    model = tiny("llama")
+    ids = torch.randint(0, 97, (2, 11))
+    full = model(ids)
+    cache = model.init_cache(2, 16, fixed_shape=True)
+    cache.k.normal_(), cache.v.normal_()
+    pieces = []
+    for start, end, span in ((0, 4, 4), (4, 5, 8), (5, 8, 8), (8, 11, 16)):
+        cache.span = span
+        pieces.append(model(ids[:, start:end], cache=cache))
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+    cache.span = 12
+    with pytest.raises(ValueError, match="exceed the span of 12 slots"):
+        model(ids[:, :2], cache=cache)
+    kv = KVCache(1, 2, 2, 16, 4, fixed_shape=True)
+    kv.span = 8
+    keys, values = kv.update(0, torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 4))
+    assert keys.shape == values.shape == (2, 2, 8, 4) and kv.visible_keys(3).shape == (3, 8)
+
+
+def test_attention_spans():
+    assert attention_spans(1, 1000) == [64, 128, 256, 512, 1000]
+    assert attention_spans(100, 1000) == [128, 256, 512, 1000]
+    assert attention_spans(5, 64) == [64]
+    assert attention_spans(5, 30) == [30]
+
+
 def test_fixed_shape_cache_takes_keys_of_another_dtype():
     # Under autocast the keys and values come in bfloat16 while the cache keeps the weights' float32.
     model = tiny("llama")
@@ -97,7 +129,8 @@ GRAPH_MODELS = {
 
 @requires_cuda
 @pytest.mark.parametrize("name", GRAPH_MODELS)
-def test_cuda_graph_generation_equals_eager(name):
+def test_cuda_graph_generation_equals_eager(name, monkeypatch):
+    monkeypatch.setattr(generate_module, "SMALLEST_SPAN", 8)  # graphs over spans 8, 16 and 25 slots
     torch.manual_seed(0)
     model = build_model(config_from_dict(GRAPH_MODELS[name])).to("cuda")
     prompt = torch.randint(0, 97, (2, 5), device="cuda")
