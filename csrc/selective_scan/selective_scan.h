@@ -133,10 +133,17 @@ FASTLLM_HD float ss_step(float h, float delta, float a_n, float delta_u, float b
   return ss_exp(delta * a_n) * h + delta_u * b_n;
 }
 
+// The output gate silu(z) = z sigmoid(z), and its derivative s (1 + z (1 - s)), s = sigmoid(z).
+FASTLLM_HD float ss_silu(float z) { return z * ss_sigmoid(z); }
+FASTLLM_HD float ss_silu_grad(float z) {
+  const float s = ss_sigmoid(z);
+  return s * (1.0f + z * (1.0f - s));
+}
+
 // The output from y_ssm = sum_n C h: (y_ssm + D u) silu(z).
 FASTLLM_HD float ss_output(float y_ssm, float u, float d, bool has_z, float z) {
   const float y = y_ssm + d * u;
-  return has_z ? y * z * ss_sigmoid(z) : y;
+  return has_z ? y * ss_silu(z) : y;
 }
 
 // Backward of ss_output: from d out, the gradient of y (= of y_ssm) and of z.
@@ -147,9 +154,8 @@ FASTLLM_HD void ss_output_grad(float dout, float y_ssm, float u, float d, bool h
     dz = 0.0f;
     return;
   }
-  const float s = ss_sigmoid(z);
-  dy = dout * z * s;
-  dz = dout * (y_ssm + d * u) * s * (1.0f + z * (1.0f - s));
+  dy = dout * ss_silu(z);
+  dz = dout * (y_ssm + d * u) * ss_silu_grad(z);
 }
 
 // Shapes and pointers of one call. B and C are (batch, groups, N, L); group g serves channels

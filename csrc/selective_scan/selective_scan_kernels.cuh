@@ -270,7 +270,7 @@ __global__ void __launch_bounds__(kThreads, 4) scan_forward_kernel(const ScanArg
       const int slot = row * kPitch + pos;
       sm.delta[slot] = in ? ss_delta(next.delta[r], sm.bias[row], a.softplus) : 0.0f;
       sm.u[slot] = next.u[r];
-      sm.gate[slot] = a.z ? next.z[r] * ss_sigmoid(next.z[r]) : 1.0f;
+      sm.gate[slot] = a.z ? ss_silu(next.z[r]) : 1.0f;
     }
     next.template stage_bc<Shared::kBcPitch>(sm.b, sm.c);
     __syncthreads();
@@ -469,14 +469,9 @@ __global__ void __launch_bounds__(kThreads, 4) scan_backward_kernel(const ScanAr
       sm.delta[slot] = in ? ss_delta(raw, bias, a.softplus) : 0.0f;
       sm.u[slot] = next.u[r];
       if (!now.reverse) continue;
-      float dy = next.dout[r], dz_factor = 0.0f;
-      if (a.z) {  // out = (y + D u) z s, s = sigmoid(z)
-        const float z = next.z[r], s = ss_sigmoid(z);
-        dy = next.dout[r] * z * s;
-        dz_factor = next.dout[r] * s * (1.0f + z * (1.0f - s));
-      }
-      sm.dy[slot] = dy;
-      sm.dz_factor[slot] = dz_factor;
+      // ss_output_grad split in two: dz = dz_factor (y + D u) once y is known.
+      sm.dy[slot] = a.z ? next.dout[r] * ss_silu(next.z[r]) : next.dout[r];
+      sm.dz_factor[slot] = a.z ? next.dout[r] * ss_silu_grad(next.z[r]) : 0.0f;
       sm.dsoftplus[slot] = in ? ss_delta_grad(raw, bias, a.softplus) : 0.0f;
     }
     next.template stage_bc<Shared::kBcPitch>(sm.b, now.reverse ? sm.c : nullptr);
