@@ -83,7 +83,7 @@ class _GraphedStep:
         """The last position's logits (a buffer that a later call may overwrite)."""
         self.cache.check_room(*ids.shape)  # the replay runs kernels only: the bookkeeping is done here
         end = self.cache.pos + ids.shape[1]
-        span = next((s for s in self.graphs if s is None or s >= end))
+        span = next(s for s in self.graphs if s is None or s >= end)
         graph, logits = self.graphs[span]
         self.ids.copy_(ids)
         graph.replay()
