@@ -5,8 +5,10 @@
 Compiles every autotune config of the forward, dK/dV and dQ kernels (triton_kernels/flash_attention.py)
 ahead of time for an sm_80 or sm_90 target, with the specialisations the JIT makes on a GPU (16-byte
 aligned pointers, strides and T divisible by 16), and prints per config: registers per thread, stack
-bytes per thread (cuobjdump; register spills, when there are any), shared memory, and how many loads
-the software pipeliner turned into asynchronous copies. A config that spills is one the autotuner is
+bytes per thread (cuobjdump; register spills, when there are any), shared memory, how many loads
+the software pipeliner turned into asynchronous copies, and how many copy groups its loops leave in
+flight while they compute ("wait": the largest count of the waits on copies; 0 means each tile's
+loads are waited for as soon as they are issued, with no overlap). A config that spills is one the autotuner is
 unlikely to pick; the numbers come from this machine's Triton, which may allocate registers
 differently from the GPU machine's.
 """
@@ -69,14 +71,16 @@ def resources(kernel, config: triton.Config, arch: int, head_dim: int, mode: int
         usage = subprocess.run([str(CUOBJDUMP), "-res-usage", cubin.name], capture_output=True, text=True,
                                check=True).stdout
     regs, stack = (int(re.search(rf"{field}:(\d+)", usage).group(1)) for field in ("REG", "STACK"))
+    ttgir = compiled.asm["ttgir"]
+    waits = [int(n) for n in re.findall(r"ttg\.async_wait %[^{]*\{num = (\d+)", ttgir)]
     return dict(regs=regs, stack=stack, shared=compiled.metadata.shared,
-                async_copies=compiled.asm["ttgir"].count("async_copy_global_to_local"))
+                async_copies=ttgir.count("async_copy_global_to_local"), wait=max(waits, default=0))
 
 
 def report(arch: int, kernels: list[str], head_dims: list[int], modes: list[int]) -> list[dict]:
     rows = []
     print(f"{'kernel':6} {'D':>4} {'mode':>4} {'BLOCK_M x N':>12} {'warps':>5} {'stages':>6} "
-          f"{'regs':>5} {'stack':>6} {'smem KiB':>8} {'async':>5}")
+          f"{'regs':>5} {'stack':>6} {'smem KiB':>8} {'async':>5} {'wait':>4}")
     for name in kernels:
         kernel, tuned, short = KERNELS[name]
         configs = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages): c for c in short + tuned}
@@ -88,7 +92,7 @@ def report(arch: int, kernels: list[str], head_dims: list[int], modes: list[int]
                     rows.append(row)
                     print(f"{name:6} {head_dim:>4} {mode:>4} {f'{m} x {n}':>12} {warps:>5} {stages:>6} "
                           f"{row['regs']:>5} {row['stack']:>6} {row['shared'] / 1024:>8.1f} "
-                          f"{row['async_copies']:>5}", flush=True)
+                          f"{row['async_copies']:>5} {row['wait']:>4}", flush=True)
     return rows
 
 

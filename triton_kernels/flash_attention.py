@@ -7,8 +7,11 @@ Every query row ``i`` of one (batch, head) attends the keys ``j`` with ``lo[i] <
   queries and keys (a stable compaction of kept tokens, or a stable sort by bucket) so that every
   query sees one contiguous run of keys, and both ``lo`` and ``hi`` are non-decreasing in ``i``.
   The key columns of the backward get the transposed windows, ``col_lo[j] <= i < col_hi[j]``.
-  The kernels gather and scatter the rows themselves through the two orders (int32 (B*H, T)), so
-  inputs, outputs and gradients keep the original order and no permuted copy is ever made.
+  Inputs, outputs and gradients keep the original order: the launchers copy the rows that the
+  kernels' loops read into the reordered frame (one gather pass per tensor), and the kernels load
+  or store the rows each program owns (forward queries, outputs, gradients) through the two orders
+  (int32 (B*H, T)). Loads through an order inside a loop would wait on their index loads, which
+  Triton's software pipeliner schedules without overlap (every tile waited for before the next).
 
 A program skips every key block outside its rows' windows (and, in the dK/dV pass, every query
 block outside its columns' windows), and builds the element mask only for tiles that some row
@@ -172,22 +175,20 @@ def _tile_ranges(lo, hi, valid, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _fwd_tiles(acc, m_i, l_i, q, K, V, KIDX, lo, hi, tile_start, tile_end, scale_log2, stride_kt, stride_vt, T,
-               HEAD_DIM: tl.constexpr, MODE: tl.constexpr, IEEE: tl.constexpr, MASKED: tl.constexpr,
-               BLOCK_N: tl.constexpr):
+def _fwd_tiles(acc, m_i, l_i, q, K, V, lo, hi, tile_start, tile_end, scale_log2, stride_kt, stride_vt, T,
+               HEAD_DIM: tl.constexpr, IEEE: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr):
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in tl.range(tile_start, tile_end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_rows = _rows(KIDX, offs_n, T, MODE)
         if MASKED:
-            kt = tl.load(K + k_rows[None, :] * stride_kt + offs_d[:, None], mask=offs_n[None, :] < T, other=0.0)
-            v = tl.load(V + k_rows[:, None] * stride_vt + offs_d[None, :], mask=offs_n[:, None] < T, other=0.0)
+            kt = tl.load(K + offs_n[None, :] * stride_kt + offs_d[:, None], mask=offs_n[None, :] < T, other=0.0)
+            v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :], mask=offs_n[:, None] < T, other=0.0)
             s = _dot(q, kt, IEEE)
             visible = (offs_n[None, :] >= lo[:, None]) & (offs_n[None, :] < hi[:, None])
             s = tl.where(visible, s, float("-inf"))
         else:
-            kt = tl.load(K + k_rows[None, :] * stride_kt + offs_d[:, None])
-            v = tl.load(V + k_rows[:, None] * stride_vt + offs_d[None, :])
+            kt = tl.load(K + offs_n[None, :] * stride_kt + offs_d[:, None])
+            v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :])
             s = _dot(q, kt, IEEE)
         m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
         # A row that has seen no key yet keeps m = -inf; subtracting 0 keeps its p and alpha at 0.
@@ -202,7 +203,7 @@ def _fwd_tiles(acc, m_i, l_i, q, K, V, KIDX, lo, hi, tile_start, tile_end, scale
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, STATS, LO, HI, QIDX, KIDX, scale_log2,
+def _fwd_kernel(Q, K, V, O, STATS, LO, HI, QIDX, scale_log2,
                 stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
                 H, H_KV, T, HEAD_DIM: tl.constexpr, MODE: tl.constexpr, IEEE: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -222,7 +223,6 @@ def _fwd_kernel(Q, K, V, O, STATS, LO, HI, QIDX, KIDX, scale_log2,
     LO += bh.to(tl.int64) * T
     HI += bh.to(tl.int64) * T
     QIDX += bh.to(tl.int64) * T
-    KIDX += (b * H_KV + hk) * T
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -235,13 +235,13 @@ def _fwd_kernel(Q, K, V, O, STATS, LO, HI, QIDX, KIDX, scale_log2,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     first, full_lo, full_hi, end = _tile_ranges(lo, hi, row_valid, BLOCK_N)
-    args = (q, K, V, KIDX, lo, hi)
+    args = (q, K, V, lo, hi)
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, *args, first, full_lo, scale_log2, stride_kt, stride_vt, T,
-                               HEAD_DIM, MODE, IEEE, True, BLOCK_N)
+                               HEAD_DIM, IEEE, True, BLOCK_N)
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, *args, full_lo, full_hi, scale_log2, stride_kt, stride_vt, T,
-                               HEAD_DIM, MODE, IEEE, False, BLOCK_N)
+                               HEAD_DIM, IEEE, False, BLOCK_N)
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, *args, full_hi, end, scale_log2, stride_kt, stride_vt, T,
-                               HEAD_DIM, MODE, IEEE, True, BLOCK_N)
+                               HEAD_DIM, IEEE, True, BLOCK_N)
 
     seen = l_i > 0.0
     l_safe = tl.where(seen, l_i, 1.0)
@@ -259,8 +259,9 @@ def _fwd_kernel(Q, K, V, O, STATS, LO, HI, QIDX, KIDX, scale_log2,
 
 
 @triton.jit
-def _bwd_preprocess_kernel(O, DO, DELTA, QIDX, stride_dob, stride_doh, stride_dot, H, T,
+def _bwd_preprocess_kernel(O, DO, DO_FRAME, DELTA, QIDX, stride_dob, stride_doh, stride_dot, H, T,
                            HEAD_DIM: tl.constexpr, MODE: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta = rowsum(dO * O) per reordered row; with windows also dO's rows in the frame (DO_FRAME)."""
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
@@ -274,28 +275,30 @@ def _bwd_preprocess_kernel(O, DO, DELTA, QIDX, stride_dob, stride_doh, stride_do
                  mask=row_valid[:, None], other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + bh.to(tl.int64) * T + offs_m, delta, mask=row_valid)
+    if MODE == 2:
+        tl.store(DO_FRAME + bh.to(tl.int64) * T * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :], do,
+                 mask=row_valid[:, None])
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, q_head, do_head, STATS, DELTA, LO, HI, QIDX, row_base, n_rows, start_n, offs_n,
+def _dkdv_tiles(dk, dv, k, v, q_head, do_head, STATS, DELTA, LO, HI, row_base, n_rows, start_n, offs_n,
                 tile_start, tile_end, scale_log2, stride_qt, stride_dot, T, HEAD_DIM: tl.constexpr,
                 MODE: tl.constexpr, IEEE: tl.constexpr, MASKED: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr):
     offs_d = tl.arange(0, HEAD_DIM)
     for start_m in tl.range(tile_start, tile_end, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q_rows = _rows(QIDX + row_base, offs_m, T, MODE)
         if MASKED:
             row_valid = offs_m < T
-            qt = tl.load(q_head + q_rows[None, :] * stride_qt + offs_d[:, None], mask=row_valid[None, :], other=0.0)
-            do = tl.load(do_head + q_rows[:, None] * stride_dot + offs_d[None, :], mask=row_valid[:, None],
+            qt = tl.load(q_head + offs_m[None, :] * stride_qt + offs_d[:, None], mask=row_valid[None, :], other=0.0)
+            do = tl.load(do_head + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_valid[:, None],
                          other=0.0)
             m = tl.load(STATS + row_base + offs_m, mask=row_valid, other=float("inf"))
             log2_l = tl.load(STATS + n_rows + row_base + offs_m, mask=row_valid, other=0.0)
             delta = tl.load(DELTA + row_base + offs_m, mask=row_valid, other=0.0)
         else:
-            qt = tl.load(q_head + q_rows[None, :] * stride_qt + offs_d[:, None])
-            do = tl.load(do_head + q_rows[:, None] * stride_dot + offs_d[None, :])
+            qt = tl.load(q_head + offs_m[None, :] * stride_qt + offs_d[:, None])
+            do = tl.load(do_head + offs_m[:, None] * stride_dot + offs_d[None, :])
             m = tl.load(STATS + row_base + offs_m)
             log2_l = tl.load(STATS + n_rows + row_base + offs_m)
             delta = tl.load(DELTA + row_base + offs_m)
@@ -311,7 +314,7 @@ def _dkdv_tiles(dk, dv, k, v, q_head, do_head, STATS, DELTA, LO, HI, QIDX, row_b
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV, LO, HI, COL_LO, COL_HI, QIDX, KIDX, scale_log2, scale,
+def _bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV, LO, HI, COL_LO, COL_HI, KIDX, scale_log2, scale,
                      stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                      stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
                      H, H_KV, T, HEAD_DIM: tl.constexpr, MODE: tl.constexpr, IEEE: tl.constexpr,
@@ -334,9 +337,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV, LO, HI, COL_LO, COL_HI, 
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     col_valid = offs_n < T
-    k_rows = _rows(KIDX + bhk.to(tl.int64) * T, offs_n, T, MODE)
-    k = tl.load(K + k_rows[:, None] * stride_kt + offs_d[None, :], mask=col_valid[:, None], other=0.0)
-    v = tl.load(V + k_rows[:, None] * stride_vt + offs_d[None, :], mask=col_valid[:, None], other=0.0)
+    k = tl.load(K + offs_n[:, None] * stride_kt + offs_d[None, :], mask=col_valid[:, None], other=0.0)
+    v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :], mask=col_valid[:, None], other=0.0)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     for g in range(group):
@@ -347,7 +349,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV, LO, HI, COL_LO, COL_HI, 
         # The query rows that can see this key block.
         q_lo, q_hi = _windows(COL_LO + row_base, COL_HI + row_base, offs_n, T, MODE, True)
         first, full_lo, full_hi, end = _tile_ranges(q_lo, q_hi, col_valid, BLOCK_M)
-        args = (k, v, q_head, do_head, STATS, DELTA, LO, HI, QIDX, row_base, n_rows, start_n, offs_n)
+        args = (k, v, q_head, do_head, STATS, DELTA, LO, HI, row_base, n_rows, start_n, offs_n)
         dk, dv = _dkdv_tiles(dk, dv, *args, first, full_lo, scale_log2, stride_qt, stride_dot, T, HEAD_DIM, MODE,
                              IEEE, True, BLOCK_M, BLOCK_N)
         dk, dv = _dkdv_tiles(dk, dv, *args, full_lo, full_hi, scale_log2, stride_qt, stride_dot, T, HEAD_DIM, MODE,
@@ -356,25 +358,24 @@ def _bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV, LO, HI, COL_LO, COL_HI, 
                              IEEE, True, BLOCK_M, BLOCK_N)
 
     out_mask = col_valid[:, None]
+    k_rows = _rows(KIDX + bhk.to(tl.int64) * T, offs_n, T, MODE)
     tl.store(DK + k_rows[:, None] * HEAD_DIM + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=out_mask)
     tl.store(DV + k_rows[:, None] * HEAD_DIM + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, m, log2_l, delta, K, V, KIDX, lo, hi, tile_start, tile_end, scale_log2, stride_kt,
-              stride_vt, T, HEAD_DIM: tl.constexpr, MODE: tl.constexpr, IEEE: tl.constexpr, MASKED: tl.constexpr,
-              BLOCK_N: tl.constexpr):
+def _dq_tiles(dq, q, do, m, log2_l, delta, K, V, lo, hi, tile_start, tile_end, scale_log2, stride_kt, stride_vt,
+              T, HEAD_DIM: tl.constexpr, IEEE: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr):
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in tl.range(tile_start, tile_end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_rows = _rows(KIDX, offs_n, T, MODE)
         if MASKED:
             key_valid = offs_n[None, :] < T
-            kt = tl.load(K + k_rows[None, :] * stride_kt + offs_d[:, None], mask=key_valid, other=0.0)
-            vt = tl.load(V + k_rows[None, :] * stride_vt + offs_d[:, None], mask=key_valid, other=0.0)
+            kt = tl.load(K + offs_n[None, :] * stride_kt + offs_d[:, None], mask=key_valid, other=0.0)
+            vt = tl.load(V + offs_n[None, :] * stride_vt + offs_d[:, None], mask=key_valid, other=0.0)
         else:
-            kt = tl.load(K + k_rows[None, :] * stride_kt + offs_d[:, None])
-            vt = tl.load(V + k_rows[None, :] * stride_vt + offs_d[:, None])
+            kt = tl.load(K + offs_n[None, :] * stride_kt + offs_d[:, None])
+            vt = tl.load(V + offs_n[None, :] * stride_vt + offs_d[:, None])
         p = tl.math.exp2(_scaled_minus_stats(_dot(q, kt, IEEE), scale_log2, m[:, None], log2_l[:, None], IEEE))
         if MASKED:
             visible = (offs_n[None, :] >= lo[:, None]) & (offs_n[None, :] < hi[:, None])
@@ -385,7 +386,7 @@ def _dq_tiles(dq, q, do, m, log2_l, delta, K, V, KIDX, lo, hi, tile_start, tile_
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ, LO, HI, QIDX, KIDX, scale_log2, scale,
+def _bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ, LO, HI, QIDX, scale_log2, scale,
                    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                    stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
                    H, H_KV, T, HEAD_DIM: tl.constexpr, MODE: tl.constexpr, IEEE: tl.constexpr,
@@ -413,26 +414,36 @@ def _bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ, LO, HI, QIDX, KIDX, scale_log2
     offs_d = tl.arange(0, HEAD_DIM)
     row_valid = offs_m < T
     lo, hi = _windows(LO, HI, offs_m, T, MODE, False)
-    q_rows = _rows(QIDX + row_base, offs_m, T, MODE)
-    KIDX += (b * H_KV + hk) * T
-    q = tl.load(Q + q_rows[:, None] * stride_qt + offs_d[None, :], mask=row_valid[:, None], other=0.0)
-    do = tl.load(DO + q_rows[:, None] * stride_dot + offs_d[None, :], mask=row_valid[:, None], other=0.0)
+    q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_valid[:, None], other=0.0)
+    do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_valid[:, None], other=0.0)
     m = tl.load(STATS + offs_m, mask=row_valid, other=float("inf"))
     log2_l = tl.load(STATS + n_rows + offs_m, mask=row_valid, other=0.0)
     delta = tl.load(DELTA + offs_m, mask=row_valid, other=0.0)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     first, full_lo, full_hi, end = _tile_ranges(lo, hi, row_valid, BLOCK_N)
-    args = (q, do, m, log2_l, delta, K, V, KIDX, lo, hi)
-    dq = _dq_tiles(dq, *args, first, full_lo, scale_log2, stride_kt, stride_vt, T, HEAD_DIM, MODE, IEEE, True,
-                   BLOCK_N)
-    dq = _dq_tiles(dq, *args, full_lo, full_hi, scale_log2, stride_kt, stride_vt, T, HEAD_DIM, MODE, IEEE, False,
-                   BLOCK_N)
-    dq = _dq_tiles(dq, *args, full_hi, end, scale_log2, stride_kt, stride_vt, T, HEAD_DIM, MODE, IEEE, True,
-                   BLOCK_N)
+    args = (q, do, m, log2_l, delta, K, V, lo, hi)
+    dq = _dq_tiles(dq, *args, first, full_lo, scale_log2, stride_kt, stride_vt, T, HEAD_DIM, IEEE, True, BLOCK_N)
+    dq = _dq_tiles(dq, *args, full_lo, full_hi, scale_log2, stride_kt, stride_vt, T, HEAD_DIM, IEEE, False, BLOCK_N)
+    dq = _dq_tiles(dq, *args, full_hi, end, scale_log2, stride_kt, stride_vt, T, HEAD_DIM, IEEE, True, BLOCK_N)
 
+    q_rows = _rows(QIDX + row_base, offs_m, T, MODE)
     tl.store(DQ + q_rows[:, None] * HEAD_DIM + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=row_valid[:, None])
+
+
+@triton.jit
+def _gather_rows_kernel(SRC, IDX, DST, stride_b, stride_h, stride_t, H, T, HEAD_DIM: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    bh = tl.program_id(1)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    valid = offs < T
+    rows = tl.load(IDX + bh.to(tl.int64) * T + offs, mask=valid, other=0)
+    SRC += (bh // H).to(tl.int64) * stride_b + (bh % H).to(tl.int64) * stride_h
+    x = tl.load(SRC + rows[:, None] * stride_t + offs_d[None, :], mask=valid[:, None])
+    tl.store(DST + bh.to(tl.int64) * T * HEAD_DIM + offs[:, None] * HEAD_DIM + offs_d[None, :], x,
+             mask=valid[:, None])
 
 
 _FWD_KERNELS = _variants(_fwd_kernel, _FWD, _FWD_SHORT, _FP32_ROWS)
@@ -454,6 +465,16 @@ def _unit_last(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _in_frame(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """x's rows in the windows' frame, contiguous: row r of head (b, h) is x[b, h, order[b, h, r]]."""
+    B, H, T, D = x.shape
+    framed = torch.empty((B, H, T, D), dtype=x.dtype, device=x.device)
+    block = 16 if INTERPRET else 64
+    wrap_triton(_gather_rows_kernel)[(triton.cdiv(T, block), B * H)](
+        x, order, framed, *_strides(x), H, T, HEAD_DIM=D, BLOCK=block)
+    return framed
+
+
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_lo: torch.Tensor | None,
                       row_hi: torch.Tensor | None, q_order: torch.Tensor | None, k_order: torch.Tensor | None,
                       causal: bool, softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -466,8 +487,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_lo:
     With windows (int32, contiguous (B, H, T): ``row_lo``, ``row_hi``, and the orders ``q_order``,
     ``k_order``) the kernels work in the reordered frame: its row r is query q_order[r], its column c
     is key k_order[c], row r sees columns [row_lo[r], row_hi[r]), and ``causal`` is ignored. Inputs
-    and outputs stay in the original order (the kernels load and store rows through the orders);
-    ``stats`` are per reordered row.
+    and outputs stay in the original order; ``stats`` are per reordered row.
     """
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     B, H, T, D = q.shape
@@ -476,15 +496,17 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_lo:
     if out.numel() == 0:
         return out, stats
     mode = _mode(row_lo, causal)
-    unused = torch.empty(1, dtype=torch.int32, device=q.device)  # MODE_FULL/MODE_CAUSAL read no windows
-    lo, hi, q_idx, k_idx = [t if t is not None else unused for t in (row_lo, row_hi, q_order, k_order)]
+    if mode == MODE_WINDOW:
+        k, v = _in_frame(k, k_order), _in_frame(v, k_order)
+    else:  # MODE_FULL/MODE_CAUSAL read no windows
+        row_lo = row_hi = q_order = torch.empty(1, dtype=torch.int32, device=q.device)
 
     def grid(meta):
         return (triton.cdiv(T, meta["BLOCK_M"]), B * H)
 
     wrap_triton(_pick(_FWD_KERNELS, q))[grid](
-        q, k, v, out, stats, lo, hi, q_idx, k_idx, softmax_scale * LOG2E, *_strides(q), *_strides(k), *_strides(v), H, k.shape[1], T,
-        HEAD_DIM=D, MODE=mode, IEEE=q.dtype == torch.float32)
+        q, k, v, out, stats, row_lo, row_hi, q_order, softmax_scale * LOG2E, *_strides(q), *_strides(k),
+        *_strides(v), H, k.shape[1], T, HEAD_DIM=D, MODE=mode, IEEE=q.dtype == torch.float32)
     return out, stats
 
 
@@ -512,15 +534,17 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         return dq, dk, dv
     mode = _mode(row_lo, causal)
     delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
-    unused = torch.empty(1, dtype=torch.int32, device=q.device)  # MODE_FULL/MODE_CAUSAL read no windows
-    if row_lo is not None:
+    if mode == MODE_WINDOW:
         col_lo, col_hi = column_windows(row_lo, row_hi)
-    else:
-        row_lo = row_hi = col_lo = col_hi = q_order = k_order = unused
+        q, k, v = _in_frame(q, q_order), _in_frame(k, k_order), _in_frame(v, k_order)
+        dout_read = torch.empty_like(q)  # dO in the frame, written by the preprocess
+    else:  # MODE_FULL/MODE_CAUSAL read no windows
+        row_lo = row_hi = col_lo = col_hi = q_order = k_order = torch.empty(1, dtype=torch.int32, device=q.device)
+        dout_read = dout
     block = 16 if INTERPRET else 64
     wrap_triton(_bwd_preprocess_kernel)[(triton.cdiv(T, block), B * H)](
-        out, dout, delta, q_order, *_strides(dout), H, T, HEAD_DIM=D, MODE=mode, BLOCK_M=block)
-    strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout))
+        out, dout, dout_read, delta, q_order, *_strides(dout), H, T, HEAD_DIM=D, MODE=mode, BLOCK_M=block)
+    strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout_read))
     ieee = q.dtype == torch.float32
 
     def grid_n(meta):
@@ -530,11 +554,11 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         return (triton.cdiv(T, meta["BLOCK_M"]), B * H)
 
     wrap_triton(_pick(_DKDV_KERNELS, q))[grid_n](
-        q, k, v, dout, stats, delta, dk, dv, row_lo, row_hi, col_lo, col_hi, q_order, k_order,
+        q, k, v, dout_read, stats, delta, dk, dv, row_lo, row_hi, col_lo, col_hi, k_order,
         softmax_scale * LOG2E, softmax_scale,
         *strides, H, H_KV, T, HEAD_DIM=D, MODE=mode, IEEE=ieee)
     wrap_triton(_pick(_DQ_KERNELS, q))[grid_m](
-        q, k, v, dout, stats, delta, dq, row_lo, row_hi, q_order, k_order, softmax_scale * LOG2E, softmax_scale,
+        q, k, v, dout_read, stats, delta, dq, row_lo, row_hi, q_order, softmax_scale * LOG2E, softmax_scale,
         *strides, H, H_KV, T, HEAD_DIM=D, MODE=mode, IEEE=ieee)
     return dq, dk, dv
 

@@ -10,9 +10,10 @@ The sparse ops order queries and keys on the device, without a host synchronisat
 compaction of the kept tokens by prefix sums, or a stable sort by bucket that keeps time order
 inside a bucket). In that order every query sees one contiguous run of keys [lo, hi), found once by
 ``searchsorted`` (the backward derives the keys' query runs once from these), and the kernels visit
-only the key blocks (backward: also only the query blocks) that these windows touch. The kernels
-gather and scatter rows through the orders, so inputs, outputs and gradients stay in the original
-order without permuted copies; rows that see no key are exactly 0.
+only the key blocks (backward: also only the query blocks) that these windows touch. The tensors
+the kernels' loops read are first copied into that order (one gather pass each, so the loops load
+contiguous tiles that pipeline like dense attention's); queries, outputs and gradients are read and
+written through the orders, so they stay in the original order. Rows that see no key are exactly 0.
 
 Dispatch: CUDA tensors run the Triton kernels (float16, bfloat16, float32; head dims 16, 32, 64,
 128). CPU tensors run the Triton kernels only under the Triton interpreter (``TRITON_INTERPRET=1``,
