@@ -81,6 +81,23 @@ def test_dense_noncontiguous_inputs():
     torch.testing.assert_close(out, flash_attention_reference(q, k, v).float(), atol=1e-5, rtol=1e-5)
 
 
+def _layer_layout(t):
+    """t's values laid out (B, T, H, D) and viewed as (B, H, T, D), as attention layers produce them."""
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+@pytest.mark.parametrize("op,reference,per_token", [
+    (qk_sparse_attention, qk_sparse_attention_reference, lambda s: torch.rand(s, device=DEVICE) < 0.6),
+    (hash_sparse_attention, hash_sparse_attention_reference, lambda s: torch.randint(0, 3, s, device=DEVICE)),
+])
+def test_sparse_noncontiguous_inputs(op, reference, per_token):
+    # The sparse kernels gather rows into the windows' order through the inputs' strides.
+    shape = (2, 3, 19, 16)
+    extra = (per_token(shape[:3]), per_token(shape[:3]))
+    _check(lambda q, k, v, *e, softmax_scale: op(*map(_layer_layout, (q, k, v)), *e, softmax_scale=softmax_scale),
+           reference, shape, torch.float32, *extra, grad_floor=ULPS_OF_ONE)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_qk_sparse_matches_reference(dtype):
     shape = (1, 2, 27, 16)
