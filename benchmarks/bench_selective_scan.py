@@ -1,6 +1,7 @@
 """Selective scan: fastllm's kernels against the sequential PyTorch reference and a log-depth
 parallel-scan PyTorch implementation (forward, and forward + backward), on CPU and GPU; the decoding
-step; the causal conv1d choice (torch's convolution against shift-and-add).
+step; the causal conv1d choice (CPU: torch's convolution against shift-and-add; GPU: fastllm's Triton
+kernels against both).
 
 Targets (issue 5): on the 2-core CPU >= 20x the sequential reference at batch 2, dim 256, L 512,
 N 16; on GPU, bf16 batch 8, dim 2048, L 2048, N 16 (variable B/C, z, delta_bias, softplus),
@@ -13,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastllm.ops.causal_conv1d import causal_conv1d
 from fastllm.ops.selective_scan import chunk_length, num_chunks, selective_scan
 from fastllm.ops.selective_scan_ref import selective_scan_parallel, selective_scan_reference
 from fastllm.ops.selective_state_update import selective_state_update
@@ -154,3 +156,32 @@ def test_causal_conv1d_cpu(timer, impl):
     fn = _conv_torch if impl.startswith("fastllm") else _conv_shift_add
     timer(lambda: fn(x, w, b).sum().backward(), group="causal_conv1d cpu fwd+bwd b2 d512 L512 w4", name=impl,
           device="cpu", rounds=10, warmup=2)
+
+
+CONV_IMPLEMENTATIONS = {
+    "fastllm": lambda x, w, b: causal_conv1d(x, w, b, "silu"),
+    "torch_conv1d": lambda x, w, b: F.silu(_conv_torch(x, w, b)),
+    "shift_add": lambda x, w, b: F.silu(_conv_shift_add(x, w, b)),
+}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("impl", list(CONV_IMPLEMENTATIONS))
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
+def test_causal_conv1d_cuda(timer, impl, backward):
+    """The GPU choice of fastllm.ops.causal_conv1d, on a Mamba block's input: the x half of its input
+    projection, a channel-contiguous (B, D, L) view; bf16, width 4, silu."""
+    batch, dim, length = 8, 2048, 2048
+    projection = torch.randn(batch, length, 2 * dim, device="cuda", dtype=torch.bfloat16)
+    x = projection.transpose(1, 2)[:, :dim].detach().requires_grad_(backward)
+    w = torch.randn(dim, 4, device="cuda", dtype=torch.bfloat16, requires_grad=backward)
+    b = torch.randn(dim, device="cuda", dtype=torch.bfloat16, requires_grad=backward)
+    fn = CONV_IMPLEMENTATIONS[impl]
+    if backward:
+        dout = torch.randn(batch, dim, length, device="cuda", dtype=torch.bfloat16)
+        run = lambda: torch.autograd.grad(fn(x, w, b), (x, w, b), dout)  # noqa: E731
+    else:
+        run = lambda: fn(x, w, b)  # noqa: E731
+    passes = 5 if backward else 2  # x in, out; backward: x and dout in, dx out
+    timer(run, group=f"causal_conv1d cuda {'fwd+bwd' if backward else 'fwd'} b{batch} d{dim} L{length} w4 bf16",
+          name=impl, device="cuda", bytes_moved=passes * x.numel() * 2, rounds=30, warmup=5)

@@ -53,7 +53,7 @@ def available() -> dict:
             "xielu": pick("cpp" if _xielu_has_cpp() else "torch-fp32", triton),
             "selective_scan": pick(cpp, "cuda" if _compiled("selective_scan_fwd_cuda") else "reference"),
             "selective_state_update": pick(cpp, "cuda" if _compiled("selective_state_update_cuda") else "reference"),
-            "causal_conv1d": pick("torch", "torch"),
+            "causal_conv1d": pick("torch", "triton" if _triton_installed() else "torch"),
             "depth_weighted_average": pick(cpp, "cuda" if _compiled("depth_weighted_average_forward_cuda") else "reference"),
             **dict.fromkeys(("flash_attention", "qk_sparse_attention", "hash_sparse_attention"),
                             {"cpu": attention_implementation("cpu"), "cuda": attention_implementation("cuda")}),

@@ -1,12 +1,20 @@
 """Causal depthwise conv1d of Mamba blocks, with its single-step decoding form.
 
-The full-sequence form is torch's grouped convolution with left padding (cuDNN's depthwise kernels
-on GPU). Measured on the 2-core CPU against shift-and-add (one multiply-add per tap, see
-benchmarks/bench_selective_scan.py): the convolution's forward is as fast or up to 4x faster; its
-backward is slower at batch 1-2 (its weight gradient) and faster at batch 8, so neither wins
-everywhere and the convolution stays; a fused kernel is left for when a GPU profile asks for it.
+    x: (batch, dim, L); weight: (dim, width); out_t = act(bias + sum_k weight[:, k] x_{t - width + 1 + k})
 
-    x: (batch, dim, L); weight: (dim, width); out_t = bias + sum_k weight[:, k] x_{t - width + 1 + k}
+``causal_conv1d`` is the custom op ``fastllm::causal_conv1d`` (backward ``fastllm::causal_conv1d_backward``),
+computing in float32 with any floating dtypes of x and the weights (fp32 weights under bf16 autocast
+included), output in x's dtype, weight gradients in the weights' dtypes. Dispatch:
+
+* CUDA: the Triton kernels of fastllm/triton_kernels/causal_conv1d.py, one pass each way, reading a
+  Mamba block's channel-contiguous x in place. Torch's grouped convolution is slow for this shape
+  (depthwise, width 4, thousands of channels: pytorch/pytorch#192902);
+  benchmarks/bench_selective_scan.py times both.
+* CPU: torch's grouped convolution with left padding (weights cast to x's dtype, as autocast does).
+  Measured on the 2-core CPU against shift-and-add (one multiply-add per tap, see
+  benchmarks/bench_selective_scan.py): the convolution's forward is as fast or up to 4x faster; its
+  backward is slower at batch 1-2 (its weight gradient) and faster at batch 8. The op tests run the
+  Triton kernels on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations
@@ -14,21 +22,29 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fastllm.ops import _backend
 from fastllm.ops._validate import check_same_device, check_shape, check_tensor
+from fastllm.profiling import nvtx_range
+
+try:
+    from fastllm.triton_kernels import causal_conv1d as _kernels
+except ImportError:  # Triton is an optional dependency
+    _kernels = None
 
 ACTIVATIONS = (None, "silu")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _check(x_name, x, weight, bias, activation, ndim):
     check_tensor(x_name, x, ndim=ndim)
     if not x.is_floating_point():
         raise TypeError(f"{x_name} must be a floating-point tensor, got {x.dtype}")
-    check_tensor("weight", weight, ndim=2)
-    if weight.shape[0] != x.shape[1]:
-        raise ValueError(f"weight must have shape (dim={x.shape[1]}, width), got {tuple(weight.shape)}")
+    check_tensor("weight", weight, dtypes=FLOAT_DTYPES, ndim=2)
+    if weight.shape[0] != x.shape[1] or weight.shape[1] < 1:
+        raise ValueError(f"weight must have shape (dim={x.shape[1]}, width >= 1), got {tuple(weight.shape)}")
     named = [(x_name, x), ("weight", weight)]
     if bias is not None:
-        check_tensor("bias", bias)
+        check_tensor("bias", bias, dtypes=FLOAT_DTYPES)
         check_shape("bias", bias, (x.shape[1],), "(dim,)")
         named.append(("bias", bias))
     if activation not in ACTIVATIONS:
@@ -36,17 +52,73 @@ def _check(x_name, x, weight, bias, activation, ndim):
     check_same_device(named)
 
 
-def _activate(y: torch.Tensor, activation: str | None) -> torch.Tensor:
-    return F.silu(y) if activation == "silu" else y
+# The op tests set this under the Triton interpreter, to run the kernels on CPU tensors; elsewhere
+# (model tests on the CPU) the interpreter would take seconds per call.
+TRITON_ON_CPU = False
+
+
+def _triton_path(x: torch.Tensor) -> bool:
+    if _kernels is None or x.dtype not in _kernels.KERNEL_DTYPES or _backend.current_backend() == "reference":
+        return False
+    return _backend.triton_runs_on(x, TRITON_ON_CPU and _kernels.INTERPRET)
+
+
+def _preactivation_torch(x, weight, bias):
+    width = weight.shape[1]
+    bias = None if bias is None else bias.to(x.dtype)
+    return F.conv1d(F.pad(x, (width - 1, 0)), weight.to(x.dtype).unsqueeze(1), bias, groups=x.shape[1])
+
+
+@torch.library.triton_op("fastllm::causal_conv1d", mutates_args=())
+def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu: bool) -> torch.Tensor:
+    if _triton_path(x):
+        return _kernels.conv_forward(x, weight, bias, silu)
+    out = _preactivation_torch(x, weight, bias)
+    return F.silu(out) if silu else out
+
+
+@torch.library.triton_op("fastllm::causal_conv1d_backward", mutates_args=())
+def _backward(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+              silu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dweight, dbias), dbias of shape (dim,) even without a bias (then unused)."""
+    if _triton_path(x):
+        dx, dweight, dbias = _kernels.conv_backward(dout, x, weight, bias, silu)
+        return dx, dweight.to(weight.dtype), dbias.to(weight.dtype if bias is None else bias.dtype)
+    dout = dout.to(x.dtype)
+    if silu:  # silu'(a) = s (1 + a (1 - s)), s = sigmoid(a), at the recomputed preactivation
+        a = _preactivation_torch(x, weight, bias)
+        s = torch.sigmoid(a)
+        dout = dout * s * (1 + a * (1 - s))
+    width = weight.shape[1]
+    dx_padded, dweight, _ = torch.ops.aten.convolution_backward(
+        dout, F.pad(x, (width - 1, 0)), weight.to(x.dtype).unsqueeze(1), None, [1], [0], [1], False, [0],
+        x.shape[1], [True, True, False])
+    dbias = dout.sum((0, 2))
+    return (dx_padded[..., width - 1:].contiguous(), dweight.squeeze(1).to(weight.dtype),
+            dbias.to(weight.dtype if bias is None else bias.dtype))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, silu = inputs
+    ctx.save_for_backward(x, weight, bias)
+    ctx.silu = silu
+
+
+def _backward_rule(ctx, dout):
+    x, weight, bias = ctx.saved_tensors
+    dx, dweight, dbias = _backward(dout, x, weight, bias, ctx.silu)
+    return dx, dweight, None if bias is None else dbias, None
+
+
+_forward.register_autograd(_backward_rule, setup_context=_setup_context)
 
 
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   activation: str | None = None) -> torch.Tensor:
     """Depthwise causal convolution over the last axis of x (batch, dim, L); differentiable."""
     _check("x", x, weight, bias, activation, 3)
-    width = weight.shape[1]
-    y = F.conv1d(F.pad(x, (width - 1, 0)), weight.unsqueeze(1), bias, groups=x.shape[1])
-    return _activate(y, activation)
+    with nvtx_range("fastllm.causal_conv1d"):
+        return _forward(x, weight, bias, activation == "silu")
 
 
 def causal_conv1d_state(x: torch.Tensor, width: int) -> torch.Tensor:
@@ -65,4 +137,4 @@ def causal_conv1d_update(x: torch.Tensor, conv_state: torch.Tensor, weight: torc
     y = (conv_state * weight).sum(-1)
     if bias is not None:
         y = y + bias
-    return _activate(y, activation).to(x.dtype)
+    return (F.silu(y) if activation == "silu" else y).to(x.dtype)

@@ -1,18 +1,147 @@
+"""Causal depthwise conv1d against a direct sum over taps in fp64, forward and every gradient.
+
+On a machine without a GPU the Triton kernels run in the interpreter on CPU tensors (tests/conftest.py
+sets TRITON_INTERPRET=1), in float32 and float16; bfloat16 runs on GPUs only.
+"""
+
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from fastllm.ops import use_backend
 from fastllm.ops.causal_conv1d import causal_conv1d, causal_conv1d_state, causal_conv1d_update
+from fastllm.testing import BACKWARD_FACTOR, assert_error_ratio, poison_, requires_cuda
+
+conv = importlib.import_module("fastllm.ops.causal_conv1d")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_triton = pytest.mark.skipif(conv._kernels is None, reason="needs triton")
 
 
 def reference(x, weight, bias, activation):
-    """Direct sum over taps in fp64: out_t = bias + sum_k w_k x_{t - (width - 1) + k}."""
+    """Direct sum over taps in x's dtype: out_t = bias + sum_k w_k x_{t - (width - 1) + k}."""
     width, length = weight.shape[1], x.shape[2]
-    xp = F.pad(x.double(), (width - 1, 0))
-    y = sum(weight.double()[:, k, None] * xp[..., k:k + length] for k in range(width))
+    xp = F.pad(x, (width - 1, 0))
+    y = sum(weight.to(x.dtype)[:, k, None] * xp[..., k:k + length] for k in range(width))
     if bias is not None:
-        y = y + bias.double()[:, None]
+        y = y + bias.to(x.dtype)[:, None]
     return F.silu(y) if activation == "silu" else y
+
+
+@pytest.fixture(autouse=True)
+def triton_on_cpu(monkeypatch):
+    """The Triton kernels on CPU tensors too (under the interpreter); the reference backend opts out."""
+    monkeypatch.setattr(conv, "TRITON_ON_CPU", True)
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """NaN-filled buffers for the Triton launchers, so unwritten elements show."""
+    if conv._kernels is not None:
+        monkeypatch.setattr(conv._kernels, "_empty", lambda shape, dtype, device: poison_(
+            torch.empty(shape, dtype=dtype, device=device)))
+
+
+def _channels_last(t):
+    """t's values laid out (B, L, D) and viewed as (B, D, L), as a Mamba block's input projection gives them."""
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def _check(shape, width, dtype, activation, with_bias=True, channels_last=False, weight_dtype=None):
+    """Forward and every gradient in ``dtype`` against fp64, the same direct sum in ``dtype`` as baseline."""
+    batch, dim, length = shape
+    x64 = torch.randn(shape, dtype=torch.float64, device=DEVICE)
+    w64 = torch.randn(dim, width, dtype=torch.float64, device=DEVICE) * 0.5
+    b64 = torch.randn(dim, dtype=torch.float64, device=DEVICE) if with_bias else None
+    weight_dtype = weight_dtype or dtype
+    leaves64 = [t.requires_grad_() for t in (x64, w64, b64) if t is not None]
+
+    def leaves():
+        x = x64.detach().to(dtype)
+        x = (_channels_last(x) if channels_last else x).requires_grad_()
+        params = [t.detach().to(weight_dtype).requires_grad_() for t in (w64, b64) if t is not None]
+        return [x, *params]
+
+    kernel_in, base_in = leaves(), leaves()
+    with_none = lambda ts: (*ts, None) if not with_bias else ts  # noqa: E731
+    out = causal_conv1d(*with_none(kernel_in), activation)
+    ref = reference(*with_none(leaves64), activation)
+    base = reference(*with_none(base_in), activation)
+    assert out.dtype == dtype and out.shape == shape
+    assert_error_ratio("out", out, ref, base)
+    dout = torch.randn_like(ref)
+    for y, d in ((out, dout.to(dtype)), (ref, dout), (base, dout.to(dtype))):
+        y.backward(d)
+    for name, t, t64, tb in zip(("dx", "dweight", "dbias"), kernel_in, leaves64, base_in):
+        assert t.grad.dtype == t.dtype
+        assert_error_ratio(name, t.grad, t64.grad, tb.grad, factor=BACKWARD_FACTOR)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("activation", [None, "silu"])
+@pytest.mark.parametrize("shape,width", [((2, 5, 19), 4), ((1, 3, 1), 4), ((3, 9, 17), 2), ((1, 6, 11), 1),
+                                         ((2, 4, 9), 5)])
+def test_matches_reference(poisoned, shape, width, activation, dtype):
+    _check(shape, width, dtype, activation)
+
+
+@needs_triton
+@pytest.mark.parametrize("case", ["channels_last", "no_bias", "float32_weights"])
+def test_layouts_and_dtypes(poisoned, case):
+    _check((2, 7, 13), 4, torch.float16, "silu", with_bias=case != "no_bias", channels_last=case == "channels_last",
+           weight_dtype=torch.float32 if case == "float32_weights" else None)
+
+
+def test_empty_sequence():
+    x = torch.randn(2, 3, 0, device=DEVICE, requires_grad=True)
+    weight = torch.randn(3, 4, device=DEVICE, requires_grad=True)
+    bias = torch.randn(3, device=DEVICE, requires_grad=True)
+    y = causal_conv1d(x, weight, bias, "silu")
+    assert y.shape == (2, 3, 0)
+    y.sum().backward()
+    assert (weight.grad == 0).all() and (bias.grad == 0).all()
+
+
+def test_torch_path_matches_triton_path():
+    x, weight, bias = torch.randn(2, 6, 21, device=DEVICE), torch.randn(6, 4, device=DEVICE), torch.randn(6, device=DEVICE)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    y = causal_conv1d(*leaves, "silu")
+    y.backward(torch.ones_like(y))
+    with use_backend("reference"):
+        ref_leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+        y_ref = causal_conv1d(*ref_leaves, "silu")
+        y_ref.backward(torch.ones_like(y_ref))
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    for t, r in zip(leaves, ref_leaves):
+        torch.testing.assert_close(t.grad, r.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_opcheck():
+    x = torch.randn(2, 5, 9, device=DEVICE)
+    weight, bias = torch.randn(5, 4, device=DEVICE), torch.randn(5, device=DEVICE)
+    torch.library.opcheck(conv._forward, (x, weight, bias, True))
+    torch.library.opcheck(conv._forward, (x, weight, None, False))
+
+
+def test_compile_fullgraph():
+    x = torch.randn(2, 5, 9, device=DEVICE, requires_grad=True)
+    weight = torch.randn(5, 4, device=DEVICE, requires_grad=True)
+    compiled = torch.compile(lambda x, w: causal_conv1d(x, w, None, "silu").square().sum(), fullgraph=True)
+    loss = compiled(x, weight)
+    loss.backward()
+    x_eager, w_eager = x.detach().requires_grad_(), weight.detach().requires_grad_()
+    causal_conv1d(x_eager, w_eager, None, "silu").square().sum().backward()
+    torch.testing.assert_close(x.grad, x_eager.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(weight.grad, w_eager.grad, rtol=1e-5, atol=1e-5)
+
+
+@requires_cuda
+@needs_triton
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_gpu_bfloat16(activation):
+    _check((2, 300, 700), 4, torch.bfloat16, activation, channels_last=True, weight_dtype=torch.float32)
 
 
 @pytest.mark.parametrize("activation", [None, "silu"])
@@ -21,7 +150,8 @@ def test_matches_direct_sum_and_decoding(length, width, activation):
     x = torch.randn(2, 6, length)
     weight, bias = torch.randn(6, width), torch.randn(6)
     y = causal_conv1d(x, weight, bias, activation)
-    torch.testing.assert_close(y.double(), reference(x, weight, bias, activation), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y.double(), reference(x.double(), weight.double(), bias.double(), activation),
+                               rtol=1e-5, atol=1e-5)
     # Decoding: prefill the first half, then step through the rest.
     split = length // 2
     state = causal_conv1d_state(x[..., :split], width)
@@ -29,17 +159,6 @@ def test_matches_direct_sum_and_decoding(length, width, activation):
     if steps:
         torch.testing.assert_close(torch.stack(steps, -1), y[..., split:], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(state, causal_conv1d_state(x, width))
-
-
-def test_gradients_match_reference():
-    x = torch.randn(2, 5, 19, requires_grad=True)
-    weight, bias = torch.randn(5, 4, requires_grad=True), torch.randn(5, requires_grad=True)
-    leaves64 = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
-    w_out = torch.randn(2, 5, 19, dtype=torch.float64)
-    (causal_conv1d(x, weight, bias, "silu").double() * w_out).sum().backward()
-    (reference(*leaves64, "silu") * w_out).sum().backward()
-    for t, ref in zip((x, weight, bias), leaves64):
-        torch.testing.assert_close(t.grad.double(), ref.grad, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_inputs():
@@ -50,5 +169,11 @@ def test_bad_inputs():
         causal_conv1d(x, weight, activation="relu")
     with pytest.raises(TypeError, match="floating-point"):
         causal_conv1d(x.long(), weight)
+    with pytest.raises(TypeError, match="weight must have dtype"):
+        causal_conv1d(x, weight.long())
+    with pytest.raises(ValueError, match="width >= 1"):
+        causal_conv1d(x, torch.randn(6, 0))
+    with pytest.raises(TypeError, match="bias must have dtype"):
+        causal_conv1d(x, weight, torch.ones(6, dtype=torch.int32))
     with pytest.raises(ValueError, match="conv_state must have the shape"):
         causal_conv1d_update(x[..., 0], torch.zeros(2, 6, 3), weight)
