@@ -30,7 +30,7 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # partial weight sums take (L / CHUNK_L) rows per batch row. Under the interpreter (CPU tests) small
 # tiles keep runs fast and still cross blocks and chunks.
 if INTERPRET:
-    FORWARD_BLOCK_L, BACKWARD_BLOCK_L, BACKWARD_CHUNK_L, BLOCK_D = 8, 4, 8, 4
+    FORWARD_BLOCK_L, BACKWARD_BLOCK_L, BACKWARD_CHUNK_L, BLOCK_D = 16, 8, 16, 8
 else:
     FORWARD_BLOCK_L, BACKWARD_BLOCK_L, BACKWARD_CHUNK_L, BLOCK_D = 64, 16, 256, 64
 
