@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fastllm.nn.cache import SequenceCache
@@ -88,7 +87,7 @@ class MambaMixer(nn.Module):
             conv_state = cache.conv_state[self.layer_idx]
             x_full = torch.cat([conv_state[..., 1:].to(x.dtype), x], dim=-1)
             conv_state.copy_(x_full[..., -self.d_conv:])
-            x = F.silu(F.conv1d(x_full, self.conv1d.weight, self.conv1d.bias, groups=self.d_inner))
+            x = causal_conv1d(x_full, conv_weight, self.conv1d.bias, "silu")[..., self.d_conv - 1:]
         dt, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # the bias enters the scan as delta_bias
         A = -torch.exp(self.A_log.float())
