@@ -15,6 +15,8 @@ included), output in x's dtype, weight gradients in the weights' dtypes. Dispatc
   benchmarks/bench_selective_scan.py): the convolution's forward is as fast or up to 4x faster; its
   backward is slower at batch 1-2 (its weight gradient) and faster at batch 8. The op tests run the
   Triton kernels on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``).
+
+``FASTLLM_BACKEND=reference`` runs fastllm/ops/causal_conv1d_ref.py (a direct sum over taps) instead.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch.nn.functional as F
 
 from fastllm.ops import _backend
 from fastllm.ops._validate import check_same_device, check_shape, check_tensor
+from fastllm.ops.causal_conv1d_ref import causal_conv1d_reference
 from fastllm.profiling import nvtx_range
 
 try:
@@ -58,7 +61,7 @@ TRITON_ON_CPU = False
 
 
 def _triton_path(x: torch.Tensor) -> bool:
-    if _kernels is None or x.dtype not in _kernels.KERNEL_DTYPES or _backend.current_backend() == "reference":
+    if _kernels is None or x.dtype not in _kernels.KERNEL_DTYPES:
         return False
     return _backend.triton_runs_on(x, TRITON_ON_CPU and _kernels.INTERPRET)
 
@@ -117,6 +120,8 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                   activation: str | None = None) -> torch.Tensor:
     """Depthwise causal convolution over the last axis of x (batch, dim, L); differentiable."""
     _check("x", x, weight, bias, activation, 3)
+    if _backend.current_backend() == "reference":
+        return causal_conv1d_reference(x, weight, bias, activation)
     with nvtx_range("fastllm.causal_conv1d"):
         return _forward(x, weight, bias, activation == "silu")
 

@@ -8,25 +8,15 @@ import importlib
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from fastllm.ops import use_backend
 from fastllm.ops.causal_conv1d import causal_conv1d, causal_conv1d_state, causal_conv1d_update
+from fastllm.ops.causal_conv1d_ref import causal_conv1d_reference as reference
 from fastllm.testing import BACKWARD_FACTOR, assert_error_ratio, poison_, requires_cuda
 
 conv = importlib.import_module("fastllm.ops.causal_conv1d")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_triton = pytest.mark.skipif(conv._kernels is None, reason="needs triton")
-
-
-def reference(x, weight, bias, activation):
-    """Direct sum over taps in x's dtype: out_t = bias + sum_k w_k x_{t - (width - 1) + k}."""
-    width, length = weight.shape[1], x.shape[2]
-    xp = F.pad(x, (width - 1, 0))
-    y = sum(weight.to(x.dtype)[:, k, None] * xp[..., k:k + length] for k in range(width))
-    if bias is not None:
-        y = y + bias.to(x.dtype)[:, None]
-    return F.silu(y) if activation == "silu" else y
 
 
 @pytest.fixture(autouse=True)
@@ -104,18 +94,26 @@ def test_empty_sequence():
     assert (weight.grad == 0).all() and (bias.grad == 0).all()
 
 
-def test_torch_path_matches_triton_path():
-    x, weight, bias = torch.randn(2, 6, 21, device=DEVICE), torch.randn(6, 4, device=DEVICE), torch.randn(6, device=DEVICE)
-    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
-    y = causal_conv1d(*leaves, "silu")
-    y.backward(torch.ones_like(y))
+def test_torch_path_matches_triton_path(monkeypatch):
+    x, weight, bias = (torch.randn(s, device=DEVICE) for s in ((2, 6, 21), (6, 4), (6,)))
+    dout = torch.randn(2, 6, 21, device=DEVICE)
+
+    def run():
+        leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+        y = causal_conv1d(*leaves, "silu")
+        y.backward(dout)
+        return [y, *(t.grad for t in leaves)]
+
+    kernels = run()
+    monkeypatch.setattr(conv, "_triton_path", lambda x: False)
+    for value, expected in zip(kernels, run()):
+        torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_reference_backend_runs_the_reference():
+    x, weight, bias = (torch.randn(s, device=DEVICE) for s in ((2, 6, 21), (6, 4), (6,)))
     with use_backend("reference"):
-        ref_leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
-        y_ref = causal_conv1d(*ref_leaves, "silu")
-        y_ref.backward(torch.ones_like(y_ref))
-    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
-    for t, r in zip(leaves, ref_leaves):
-        torch.testing.assert_close(t.grad, r.grad, rtol=1e-5, atol=1e-5)
+        assert torch.equal(causal_conv1d(x, weight, bias, "silu"), reference(x, weight, bias, "silu"))
 
 
 def test_opcheck():
