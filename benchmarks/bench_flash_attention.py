@@ -148,11 +148,12 @@ def _sparse_case(kind, T, rate_or_buckets):
             return qk_sparse_attention_reference(q, k, v, q_keep[rows], k_keep[rows])
     return ours, mask_mod, pairs, reference
 
+
 @pytest.mark.parametrize("impl", ["causal_mode", "window_mode"])
 def test_window_path_overhead_cuda(timer, impl):
     """Dense causal attention at T = 16k, D = 64 through the sparse attentions' windowed kernels (identity
-    orders, windows [0, i + 1)) against the causal mode: the same tiles, so the ratio is what loading
-    rows through the orders and reading the windows cost. (T = 16k shares the autotuning of the
+    orders, windows [0, i + 1)) against the causal mode: the same tiles, so the ratio is what gathering
+    the rows into the windows' order and reading the windows cost. (T = 16k shares the autotuning of the
     dense and sparse cases.)"""
     from fastllm.ops.flash_attention import _windowed
 

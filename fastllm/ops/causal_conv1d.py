@@ -72,6 +72,20 @@ def _preactivation_torch(x, weight, bias):
     return F.conv1d(F.pad(x, (width - 1, 0)), weight.to(x.dtype).unsqueeze(1), bias, groups=x.shape[1])
 
 
+def _backward_torch(dout, x, weight, bias, silu):
+    """(dx, dweight, dbias) in x's dtype from torch's convolution backward (the CPU path)."""
+    dout = dout.to(x.dtype)
+    if silu:  # silu'(a) = s (1 + a (1 - s)), s = sigmoid(a), at the recomputed preactivation
+        a = _preactivation_torch(x, weight, bias)
+        s = torch.sigmoid(a)
+        dout = dout * s * (1 + a * (1 - s))
+    width = weight.shape[1]
+    dx_padded, dweight, _ = torch.ops.aten.convolution_backward(
+        dout, F.pad(x, (width - 1, 0)), weight.to(x.dtype).unsqueeze(1), None, [1], [0], [1], False, [0],
+        x.shape[1], [True, True, False])
+    return dx_padded[..., width - 1:].contiguous(), dweight.squeeze(1), dout.sum((0, 2))
+
+
 @torch.library.triton_op("fastllm::causal_conv1d", mutates_args=())
 def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu: bool) -> torch.Tensor:
     if _triton_path(x):
@@ -86,19 +100,9 @@ def _backward(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: t
     """(dx, dweight, dbias), dbias of shape (dim,) even without a bias (then unused)."""
     if _triton_path(x):
         dx, dweight, dbias = _kernels.conv_backward(dout, x, weight, bias, silu)
-        return dx, dweight.to(weight.dtype), dbias.to(weight.dtype if bias is None else bias.dtype)
-    dout = dout.to(x.dtype)
-    if silu:  # silu'(a) = s (1 + a (1 - s)), s = sigmoid(a), at the recomputed preactivation
-        a = _preactivation_torch(x, weight, bias)
-        s = torch.sigmoid(a)
-        dout = dout * s * (1 + a * (1 - s))
-    width = weight.shape[1]
-    dx_padded, dweight, _ = torch.ops.aten.convolution_backward(
-        dout, F.pad(x, (width - 1, 0)), weight.to(x.dtype).unsqueeze(1), None, [1], [0], [1], False, [0],
-        x.shape[1], [True, True, False])
-    dbias = dout.sum((0, 2))
-    return (dx_padded[..., width - 1:].contiguous(), dweight.squeeze(1).to(weight.dtype),
-            dbias.to(weight.dtype if bias is None else bias.dtype))
+    else:
+        dx, dweight, dbias = _backward_torch(dout, x, weight, bias, silu)
+    return dx, dweight.to(weight.dtype), dbias.to(weight.dtype if bias is None else bias.dtype)
 
 
 def _setup_context(ctx, inputs, output):

@@ -45,25 +45,25 @@ def _check(shape, width, dtype, activation, with_bias=True, channels_last=False,
     w64 = torch.randn(dim, width, dtype=torch.float64, device=DEVICE) * 0.5
     b64 = torch.randn(dim, dtype=torch.float64, device=DEVICE) if with_bias else None
     weight_dtype = weight_dtype or dtype
-    leaves64 = [t.requires_grad_() for t in (x64, w64, b64) if t is not None]
+    inputs64 = [None if t is None else t.requires_grad_() for t in (x64, w64, b64)]
 
-    def leaves():
+    def inputs():  # (x, weight, bias) as the op gets them, bias possibly None
         x = x64.detach().to(dtype)
         x = (_channels_last(x) if channels_last else x).requires_grad_()
-        params = [t.detach().to(weight_dtype).requires_grad_() for t in (w64, b64) if t is not None]
-        return [x, *params]
+        return [x, *(None if t is None else t.detach().to(weight_dtype).requires_grad_() for t in (w64, b64))]
 
-    kernel_in, base_in = leaves(), leaves()
-    with_none = lambda ts: (*ts, None) if not with_bias else ts  # noqa: E731
-    out = causal_conv1d(*with_none(kernel_in), activation)
-    ref = reference(*with_none(leaves64), activation)
-    base = reference(*with_none(base_in), activation)
+    kernel_in, base_in = inputs(), inputs()
+    out = causal_conv1d(*kernel_in, activation)
+    ref = reference(*inputs64, activation)
+    base = reference(*base_in, activation)
     assert out.dtype == dtype and out.shape == shape
     assert_error_ratio("out", out, ref, base)
     dout = torch.randn_like(ref)
     for y, d in ((out, dout.to(dtype)), (ref, dout), (base, dout.to(dtype))):
         y.backward(d)
-    for name, t, t64, tb in zip(("dx", "dweight", "dbias"), kernel_in, leaves64, base_in):
+    for name, t, t64, tb in zip(("dx", "dweight", "dbias"), kernel_in, inputs64, base_in):
+        if t is None:
+            continue
         assert t.grad.dtype == t.dtype
         assert_error_ratio(name, t.grad, t64.grad, tb.grad, factor=BACKWARD_FACTOR)
 
