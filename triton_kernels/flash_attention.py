@@ -6,12 +6,15 @@ Every query row ``i`` of one (batch, head) attends the keys ``j`` with ``lo[i] <
 * MODE_WINDOW: ``lo``, ``hi`` read from int32 tensors (B*H, T). The sparse attentions reorder
   queries and keys (a stable compaction of kept tokens, or a stable sort by bucket) so that every
   query sees one contiguous run of keys, and both ``lo`` and ``hi`` are non-decreasing in ``i``.
-  The key columns of the backward get the transposed windows, ``col_lo[j] <= i < col_hi[j]``.
+  The key columns get the transposed windows, ``col_lo[j] <= i < col_hi[j]``.
   Inputs, outputs and gradients keep the original order: the launchers copy the rows that the
   kernels' loops read into the reordered frame (one gather pass per tensor), and the kernels load
   or store the rows each program owns (forward queries, outputs, gradients) through the two orders
   (int32 (B*H, T)). Loads through an order inside a loop would wait on their index loads, which
   Triton's software pipeliner schedules without overlap (every tile waited for before the next).
+  Rows whose window is empty (dropped tokens, queries that see no key, keys no query sees) are
+  never read: their frame rows are zeros, which the kernels load only under masks. So the traffic
+  scales with the kept tokens, and NaN in a dropped token cannot leak into the others.
 
 A program skips every key block outside its rows' windows (and, in the dK/dV pass, every query
 block outside its columns' windows), and builds the element mask only for tiles that some row
@@ -259,24 +262,28 @@ def _fwd_kernel(Q, K, V, O, STATS, LO, HI, QIDX, scale_log2,
 
 
 @triton.jit
-def _bwd_preprocess_kernel(O, DO, DO_FRAME, DELTA, QIDX, stride_dob, stride_doh, stride_dot, H, T,
+def _bwd_preprocess_kernel(O, DO, DO_FRAME, DELTA, LO, HI, QIDX, stride_dob, stride_doh, stride_dot, H, T,
                            HEAD_DIM: tl.constexpr, MODE: tl.constexpr, BLOCK_M: tl.constexpr):
-    """delta = rowsum(dO * O) per reordered row; with windows also dO's rows in the frame (DO_FRAME)."""
+    """delta = rowsum(dO * O) per reordered row; with windows also dO's rows in the frame (DO_FRAME).
+    Rows that see no key are not read: their delta and frame row are 0."""
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
+    row_base = bh.to(tl.int64) * T
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_valid = offs_m < T
-    q_rows = _rows(QIDX + bh.to(tl.int64) * T, offs_m, T, MODE)
-    o = tl.load(O + bh.to(tl.int64) * T * HEAD_DIM + q_rows[:, None] * HEAD_DIM + offs_d[None, :],
-                mask=row_valid[:, None], other=0.0)
+    lo, hi = _windows(LO + row_base, HI + row_base, offs_m, T, MODE, False)
+    seen = lo < hi
+    q_rows = _rows(QIDX + row_base, offs_m, T, MODE)
+    o = tl.load(O + row_base * HEAD_DIM + q_rows[:, None] * HEAD_DIM + offs_d[None, :], mask=seen[:, None],
+                other=0.0)
     do = tl.load(DO + b * stride_dob + h * stride_doh + q_rows[:, None] * stride_dot + offs_d[None, :],
-                 mask=row_valid[:, None], other=0.0)
+                 mask=seen[:, None], other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + bh.to(tl.int64) * T + offs_m, delta, mask=row_valid)
+    tl.store(DELTA + row_base + offs_m, delta, mask=row_valid)
     if MODE == 2:
-        tl.store(DO_FRAME + bh.to(tl.int64) * T * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :], do,
+        tl.store(DO_FRAME + row_base * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :], do,
                  mask=row_valid[:, None])
 
 
@@ -433,17 +440,19 @@ def _bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ, LO, HI, QIDX, scale_log2, scal
 
 
 @triton.jit
-def _gather_rows_kernel(SRC, IDX, DST, stride_b, stride_h, stride_t, H, T, HEAD_DIM: tl.constexpr,
+def _gather_rows_kernel(SRC, IDX, LO, HI, DST, stride_b, stride_h, stride_t, H, T, HEAD_DIM: tl.constexpr,
                         BLOCK: tl.constexpr):
+    """DST's row r of head bh = SRC's row IDX[r] if its window [LO[r], HI[r]) is non-empty, else 0."""
     bh = tl.program_id(1)
+    row_base = bh.to(tl.int64) * T
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, HEAD_DIM)
-    valid = offs < T
-    rows = tl.load(IDX + bh.to(tl.int64) * T + offs, mask=valid, other=0)
+    lo, hi = _windows(LO + row_base, HI + row_base, offs, T, 2, False)
+    seen = lo < hi
+    rows = tl.load(IDX + row_base + offs, mask=seen, other=0)
     SRC += (bh // H).to(tl.int64) * stride_b + (bh % H).to(tl.int64) * stride_h
-    x = tl.load(SRC + rows[:, None] * stride_t + offs_d[None, :], mask=valid[:, None])
-    tl.store(DST + bh.to(tl.int64) * T * HEAD_DIM + offs[:, None] * HEAD_DIM + offs_d[None, :], x,
-             mask=valid[:, None])
+    x = tl.load(SRC + rows[:, None] * stride_t + offs_d[None, :], mask=seen[:, None], other=0.0)
+    tl.store(DST + row_base * HEAD_DIM + offs[:, None] * HEAD_DIM + offs_d[None, :], x, mask=(offs < T)[:, None])
 
 
 _FWD_KERNELS = _variants(_fwd_kernel, _FWD, _FWD_SHORT, _FP32_ROWS)
@@ -451,8 +460,8 @@ _DKDV_KERNELS = _variants(_bwd_dkdv_kernel, _DKDV, _DKDV_SHORT, _FP32_COLS)
 _DQ_KERNELS = _variants(_bwd_dq_kernel, _DQ, _DQ_SHORT, _FP32_ROWS)
 
 
-def _mode(row_lo: torch.Tensor | None, causal: bool) -> int:
-    if row_lo is not None:
+def _mode(windows: torch.Tensor | None, causal: bool) -> int:
+    if windows is not None:
         return MODE_WINDOW
     return MODE_CAUSAL if causal else MODE_FULL
 
@@ -465,29 +474,31 @@ def _unit_last(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _in_frame(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """x's rows in the windows' frame, contiguous: row r of head (b, h) is x[b, h, order[b, h, r]]."""
+def _in_frame(x: torch.Tensor, order: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """x's rows in the windows' frame, contiguous: row r of head (b, h) is x[b, h, order[b, h, r]], or
+    zeros where the window [lo, hi) of row r is empty (such rows are read only under masks)."""
     B, H, T, D = x.shape
     framed = torch.empty((B, H, T, D), dtype=x.dtype, device=x.device)
     block = 16 if INTERPRET else 64
     wrap_triton(_gather_rows_kernel)[(triton.cdiv(T, block), B * H)](
-        x, order, framed, *_strides(x), H, T, HEAD_DIM=D, BLOCK=block)
+        x, order, lo, hi, framed, *_strides(x), H, T, HEAD_DIM=D, BLOCK=block)
     return framed
 
 
-def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_lo: torch.Tensor | None,
-                      row_hi: torch.Tensor | None, q_order: torch.Tensor | None, k_order: torch.Tensor | None,
-                      causal: bool, softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows: torch.Tensor | None,
+                      q_order: torch.Tensor | None, k_order: torch.Tensor | None, causal: bool,
+                      softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Launches the forward on q (B, H, T, D) and k, v (B, H_KV, T, D), H_KV dividing H (grouped-query
     attention); returns (out contiguous, stats fp32 (2, B, H, T)).
 
     Row i's probabilities are 2^(s_ij * scale * log2(e) - stats[0, i] - stats[1, i]) (row maximum
     and log2 of the row sum; +inf and 0 for rows that see no key).
 
-    With windows (int32, contiguous (B, H, T): ``row_lo``, ``row_hi``, and the orders ``q_order``,
-    ``k_order``) the kernels work in the reordered frame: its row r is query q_order[r], its column c
-    is key k_order[c], row r sees columns [row_lo[r], row_hi[r]), and ``causal`` is ignored. Inputs
-    and outputs stay in the original order; ``stats`` are per reordered row.
+    With ``windows`` (int32, contiguous (4, B, H, T): row_lo, row_hi, col_lo, col_hi) and the orders
+    (int32, contiguous (B, H, T): ``q_order``, ``k_order``) the kernels work in the reordered frame:
+    its row r is query q_order[r], its column c is key k_order[c], row r sees the columns
+    [row_lo[r], row_hi[r]), column c is seen by the rows [col_lo[c], col_hi[c]), and ``causal`` is
+    ignored. Inputs and outputs stay in the original order; ``stats`` are per reordered row.
     """
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     B, H, T, D = q.shape
@@ -495,9 +506,10 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_lo:
     stats = torch.empty((2, B, H, T), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, stats
-    mode = _mode(row_lo, causal)
+    mode = _mode(windows, causal)
     if mode == MODE_WINDOW:
-        k, v = _in_frame(k, k_order), _in_frame(v, k_order)
+        row_lo, row_hi, col_lo, col_hi = windows
+        k, v = _in_frame(k, k_order, col_lo, col_hi), _in_frame(v, k_order, col_lo, col_hi)
     else:  # MODE_FULL/MODE_CAUSAL read no windows
         row_lo = row_hi = q_order = torch.empty(1, dtype=torch.int32, device=q.device)
 
@@ -510,18 +522,9 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_lo:
     return out, stats
 
 
-def column_windows(row_lo: torch.Tensor, row_hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For non-decreasing row windows: key j is seen by exactly the rows [col_lo[j], col_hi[j])."""
-    T = row_lo.shape[-1]
-    keys = torch.arange(T, device=row_lo.device, dtype=row_lo.dtype).expand(row_lo.shape).contiguous()
-    col_lo = torch.searchsorted(row_hi, keys, right=True, out_int32=True)  # first row with hi > j
-    col_hi = torch.searchsorted(row_lo, keys, right=True, out_int32=True)  # rows with lo <= j
-    return col_lo, col_hi
-
-
 def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                       stats: torch.Tensor, row_lo: torch.Tensor | None, row_hi: torch.Tensor | None,
-                       q_order: torch.Tensor | None, k_order: torch.Tensor | None, causal: bool,
+                       stats: torch.Tensor, windows: torch.Tensor | None, q_order: torch.Tensor | None,
+                       k_order: torch.Tensor | None, causal: bool,
                        softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launches the backward; returns contiguous (dq, dk, dv). ``out`` is the forward's (contiguous)."""
     q, k, v, dout = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(dout)
@@ -532,18 +535,20 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     dk, dv = [torch.empty((B, H_KV, T, D), dtype=k.dtype, device=k.device) for _ in range(2)]
     if out.numel() == 0:
         return dq, dk, dv
-    mode = _mode(row_lo, causal)
+    mode = _mode(windows, causal)
     delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     if mode == MODE_WINDOW:
-        col_lo, col_hi = column_windows(row_lo, row_hi)
-        q, k, v = _in_frame(q, q_order), _in_frame(k, k_order), _in_frame(v, k_order)
+        row_lo, row_hi, col_lo, col_hi = windows
+        q = _in_frame(q, q_order, row_lo, row_hi)
+        k, v = _in_frame(k, k_order, col_lo, col_hi), _in_frame(v, k_order, col_lo, col_hi)
         dout_read = torch.empty_like(q)  # dO in the frame, written by the preprocess
     else:  # MODE_FULL/MODE_CAUSAL read no windows
         row_lo = row_hi = col_lo = col_hi = q_order = k_order = torch.empty(1, dtype=torch.int32, device=q.device)
         dout_read = dout
     block = 16 if INTERPRET else 64
     wrap_triton(_bwd_preprocess_kernel)[(triton.cdiv(T, block), B * H)](
-        out, dout, dout_read, delta, q_order, *_strides(dout), H, T, HEAD_DIM=D, MODE=mode, BLOCK_M=block)
+        out, dout, dout_read, delta, row_lo, row_hi, q_order, *_strides(dout), H, T, HEAD_DIM=D, MODE=mode,
+        BLOCK_M=block)
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout_read))
     ieee = q.dtype == torch.float32
 

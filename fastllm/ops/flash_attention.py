@@ -14,6 +14,7 @@ only the key blocks (backward: also only the query blocks) that these windows to
 the kernels' loops read are first copied into that order (one gather pass each, so the loops load
 contiguous tiles that pipeline like dense attention's); queries, outputs and gradients are read and
 written through the orders, so they stay in the original order. Rows that see no key are exactly 0.
+The kernels never read dropped tokens, queries that see no key or keys that no query sees.
 
 Dispatch: CUDA tensors run the Triton kernels (float16, bfloat16, float32; head dims 16, 32, 64,
 128). CPU tensors run the Triton kernels only under the Triton interpreter (``TRITON_INTERPRET=1``,
@@ -75,9 +76,9 @@ def attention_implementation(device_type: str) -> str:
     return "triton-interpreter" if device_type == "cpu" and _kernels.INTERPRET else "reference"
 
 
-def _visible(q: torch.Tensor, row_lo: torch.Tensor | None, row_hi: torch.Tensor | None, causal: bool):
-    if row_lo is not None:
-        return window_mask(row_lo, row_hi)
+def _visible(q: torch.Tensor, windows: torch.Tensor | None, causal: bool):
+    if windows is not None:
+        return window_mask(windows[0], windows[1])
     return causal_mask(q.shape[-2], q.device) if causal else None
 
 
@@ -94,19 +95,20 @@ def _restored(x: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
 
 
 @torch.library.triton_op("fastllm::flash_attention_forward", mutates_args=())
-def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_lo: torch.Tensor | None,
-             row_hi: torch.Tensor | None, q_order: torch.Tensor | None, k_order: torch.Tensor | None, causal: bool,
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows: torch.Tensor | None,
+             q_order: torch.Tensor | None, k_order: torch.Tensor | None, causal: bool,
              softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, stats): stats (fp32 (2, B, H, T), not differentiable) hold each row's maximum scaled
     score (in log2 units) and log2 of its softmax denominator, see ``attention_forward``.
 
-    With windows (int32 (B, H, T): row_lo, row_hi non-decreasing, and the orders q_order, k_order)
-    query q_order[r] sees the keys k_order[c] for c in [row_lo[r], row_hi[r]); ``causal`` is ignored.
+    With windows (int32 (4, B, H, T), see ``_windowed``, and the orders q_order, k_order (int32
+    (B, H, T))) query q_order[r] sees the keys k_order[c] for c in [windows[0, r], windows[1, r]);
+    ``causal`` is ignored.
     """
     if triton_path(q):
-        return _kernels.attention_forward(q, k, v, row_lo, row_hi, q_order, k_order, causal, softmax_scale)
+        return _kernels.attention_forward(q, k, v, windows, q_order, k_order, causal, softmax_scale)
     out, row_max, lse = attention_with_stats_reference(
-        _reordered(q, q_order), _reordered(k, k_order), _reordered(v, k_order), _visible(q, row_lo, row_hi, causal),
+        _reordered(q, q_order), _reordered(k, k_order), _reordered(v, k_order), _visible(q, windows, causal),
         softmax_scale)
     seen = lse < float("inf")
     stats = torch.stack([row_max * _LOG2E, torch.where(seen, (lse - row_max) * _LOG2E, 0.0)])
@@ -115,32 +117,31 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_lo: torch.Te
 
 @torch.library.triton_op("fastllm::flash_attention_backward", mutates_args=())
 def _backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-              stats: torch.Tensor, row_lo: torch.Tensor | None, row_hi: torch.Tensor | None,
-              q_order: torch.Tensor | None, k_order: torch.Tensor | None, causal: bool,
+              stats: torch.Tensor, windows: torch.Tensor | None, q_order: torch.Tensor | None,
+              k_order: torch.Tensor | None, causal: bool,
               softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if triton_path(q):
-        return _kernels.attention_backward(dout, q, k, v, out, stats, row_lo, row_hi, q_order, k_order, causal,
+        return _kernels.attention_backward(dout, q, k, v, out, stats, windows, q_order, k_order, causal,
                                            softmax_scale)
     lse = (stats[0] + stats[1]) / _LOG2E
     dq, dk, dv = attention_backward_reference(
         _reordered(dout, q_order), _reordered(q, q_order), _reordered(k, k_order), _reordered(v, k_order),
-        _reordered(out, q_order), lse, _visible(q, row_lo, row_hi, causal), softmax_scale)
+        _reordered(out, q_order), lse, _visible(q, windows, causal), softmax_scale)
     return _restored(dq, q_order), _restored(dk, k_order), _restored(dv, k_order)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, row_lo, row_hi, q_order, k_order, causal, softmax_scale = inputs
+    q, k, v, windows, q_order, k_order, causal, softmax_scale = inputs
     out, stats = output
-    ctx.save_for_backward(q, k, v, out, stats, row_lo, row_hi, q_order, k_order)
+    ctx.save_for_backward(q, k, v, out, stats, windows, q_order, k_order)
     ctx.causal, ctx.softmax_scale = causal, softmax_scale
     ctx.mark_non_differentiable(stats)
 
 
 def _backward_rule(ctx, dout, dstats):
-    q, k, v, out, stats, row_lo, row_hi, q_order, k_order = ctx.saved_tensors
-    dq, dk, dv = _backward(dout, q, k, v, out, stats, row_lo, row_hi, q_order, k_order, ctx.causal,
-                           ctx.softmax_scale)
-    return dq, dk, dv, None, None, None, None, None, None
+    q, k, v, out, stats, windows, q_order, k_order = ctx.saved_tensors
+    dq, dk, dv = _backward(dout, q, k, v, out, stats, windows, q_order, k_order, ctx.causal, ctx.softmax_scale)
+    return dq, dk, dv, None, None, None, None, None
 
 
 _forward.register_autograd(_backward_rule, setup_context=_setup_context)
@@ -187,7 +188,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     if _backend.current_backend() == "reference":
         return flash_attention_reference(q, k, v, causal, scale)
     with nvtx_range("fastllm.flash_attention"):
-        return _forward(q, k, v, None, None, None, None, bool(causal), scale)[0]
+        return _forward(q, k, v, None, None, None, bool(causal), scale)[0]
 
 
 def _inverse(order: torch.Tensor) -> torch.Tensor:
@@ -195,9 +196,19 @@ def _inverse(order: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(order).scatter_(-1, order, positions)
 
 
+def _column_windows(row_lo: torch.Tensor, row_hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For non-decreasing row windows: key j is seen by exactly the rows [col_lo[j], col_hi[j])."""
+    keys = torch.arange(row_lo.shape[-1], device=row_lo.device, dtype=row_lo.dtype).expand(row_lo.shape).contiguous()
+    col_lo = torch.searchsorted(row_hi, keys, right=True, out_int32=True)  # first row with hi > j
+    col_hi = torch.searchsorted(row_lo, keys, right=True, out_int32=True)  # rows with lo <= j
+    return col_lo, col_hi
+
+
 def _windowed(q, k, v, q_order, k_order, row_lo, row_hi, scale) -> torch.Tensor:
-    """Attention where query q_order[r] sees the keys k_order[c], c in [row_lo[r], row_hi[r])."""
-    return _forward(q, k, v, row_lo, row_hi, q_order.int(), k_order.int(), True, scale)[0]
+    """Attention where query q_order[r] sees the keys k_order[c], c in [row_lo[r], row_hi[r]) (int32,
+    non-decreasing). The kernels get the windows of both sides, (row_lo, row_hi, col_lo, col_hi)."""
+    windows = torch.stack([row_lo, row_hi, *_column_windows(row_lo, row_hi)])
+    return _forward(q, k, v, windows, q_order.int(), k_order.int(), True, scale)[0]
 
 
 def _stable_partition(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -234,7 +245,7 @@ def qk_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_kee
         kept_row = torch.arange(q.shape[2], device=q.device, dtype=torch.int32) < nq
         row_hi = torch.where(kept_row, torch.gather(keys_upto, -1, q_order), nk)
         row_lo = torch.where(kept_row, 0, nk)  # dropped queries: an empty window past every kept key
-        return _windowed(q, k, v, q_order, k_order, row_lo.contiguous(), row_hi.contiguous(), scale)
+        return _windowed(q, k, v, q_order, k_order, row_lo, row_hi, scale)
 
 
 def hash_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_buckets: torch.Tensor,

@@ -174,6 +174,47 @@ def test_one_tensor_for_both_sides():
            grad_floor=ULPS_OF_ONE)
 
 
+@pytest.mark.parametrize("case", ["qk", "hash"])
+def test_sparse_kernels_never_read_unseen_tokens(case):
+    """The kernels read only the queries that see some key and the keys that some query sees (their
+    memory traffic scales with the kept tokens): NaN in the others' q, k, v and in the upstream
+    gradient of the queries that see nothing changes no output or gradient."""
+    if fa.attention_implementation(DEVICE) == "reference":
+        pytest.skip("a property of the Triton kernels")
+    shape = (2, 2, 45, 16)
+    if case == "qk":
+        q_keep = torch.rand(shape[:3], device=DEVICE) < 0.5
+        k_keep = torch.rand(shape[:3], device=DEVICE) < 0.5
+        extra = (q_keep, k_keep)
+        op = qk_sparse_attention
+        seen = (q_keep[..., :, None] & k_keep[..., None, :]).tril()
+    else:  # buckets only queries or only keys have: some keys stay unseen, some queries see nothing
+        q_buckets = torch.randint(0, 4, shape[:3], device=DEVICE)
+        k_buckets = torch.randint(1, 5, shape[:3], device=DEVICE)
+        extra = (q_buckets, k_buckets)
+        op = hash_sparse_attention
+        seen = (q_buckets[..., :, None] == k_buckets[..., None, :]).tril()
+    query_unseen, key_unseen = ~seen.any(-1), ~seen.any(-2)
+    assert query_unseen.any() and key_unseen.any() and not query_unseen.all()
+
+    def run(poison):
+        q, k, v, dout = [torch.randn(shape, device=DEVICE) for _ in range(4)]
+        if poison:
+            for t, unseen in ((q, query_unseen), (k, key_unseen), (v, key_unseen), (dout, query_unseen)):
+                t[unseen] = float("nan")
+        q, k, v = [t.requires_grad_() for t in (q, k, v)]
+        out = op(q, k, v, *extra)
+        out.backward(dout)
+        return [out.detach(), q.grad, k.grad, v.grad]
+
+    torch.manual_seed(0)
+    finite = run(poison=False)
+    torch.manual_seed(0)
+    poisoned = run(poison=True)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), finite, poisoned):
+        torch.testing.assert_close(b, a, atol=0, rtol=0, msg=lambda m, name=name: f"{name}: {m}")
+
+
 def test_cpu_path_without_interpreter_is_the_reference(monkeypatch):
     """Without the interpreter a CPU tensor runs the math reference, whose backward is written out."""
     monkeypatch.setattr(fa._kernels, "INTERPRET", False)
@@ -198,10 +239,11 @@ def test_opcheck():
     q, k, v = [t.float().requires_grad_() for t in _inputs((1, 2, 5, 16), torch.float32)]
     lo = torch.tensor([0, 0, 1, 1, 5], dtype=torch.int32, device=DEVICE).expand(1, 2, 5).contiguous()
     hi = torch.tensor([1, 2, 3, 3, 5], dtype=torch.int32, device=DEVICE).expand(1, 2, 5).contiguous()
+    windows = torch.stack([lo, hi, *fa._column_windows(lo, hi)])
     q_order = torch.tensor([3, 0, 4, 1, 2], dtype=torch.int32, device=DEVICE).expand(1, 2, 5).contiguous()
     k_order = torch.tensor([1, 2, 0, 4, 3], dtype=torch.int32, device=DEVICE).expand(1, 2, 5).contiguous()
     # AOT dispatch (12 s here) is covered by test_compile_fullgraph, which traces the same op.
-    torch.library.opcheck(fa._forward, (q, k, v, lo, hi, q_order, k_order, True, 0.25),
+    torch.library.opcheck(fa._forward, (q, k, v, windows, q_order, k_order, True, 0.25),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
