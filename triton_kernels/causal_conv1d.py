@@ -24,11 +24,15 @@ from torch.library import wrap_triton
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# Tiles of positions x channels. The backward holds about eleven shifted tiles at once (x at 2 *
-# WIDTH - 1 shifts, dout at WIDTH): 16 x 64 over 4 warps needs 182 registers on sm_90 (Triton 3.9)
-# without spills, where 32 x 64 spills. Each backward program walks CHUNK_L positions, so the
-# partial weight sums take (L / CHUNK_L) rows per batch row. Under the interpreter (CPU tests) small
-# tiles keep runs fast and still cross blocks and chunks.
+# Tiles of positions x channels, over 8 warps. The backward holds about eleven shifted tiles at once
+# (x at 2 * WIDTH - 1 shifts, dout at WIDTH). Compiled for sm_90 with Triton 3.6 and 3.9, for
+# channel-contiguous x (a Mamba block's) and for contiguous x: with 4 warps the 64 x 64 forward tile
+# spills (312 bytes, contiguous x, 3.9) and the 16 x 64 backward tile takes 255 registers (3.6) or
+# spills (3.9); with 8 warps neither spills (forward 78-166 registers, backward 175-187). Each
+# backward program walks CHUNK_L positions, so the partial weight sums take (L / CHUNK_L) rows per
+# batch row. Under the interpreter (CPU tests) small tiles keep runs fast and still cross blocks and
+# chunks.
+NUM_WARPS = 8
 if INTERPRET:
     FORWARD_BLOCK_L, BACKWARD_BLOCK_L, BACKWARD_CHUNK_L, BLOCK_D = 16, 8, 16, 8
 else:
@@ -133,8 +137,6 @@ def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-
-
 def conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu: bool) -> torch.Tensor:
     """The convolution of x (B, D, L) with weight (D, WIDTH) and bias (D,) or None; out contiguous."""
     out = _empty(x.shape, x.dtype, x.device)
@@ -144,7 +146,7 @@ def conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     wrap_triton(_forward_kernel)[(triton.cdiv(L, FORWARD_BLOCK_L), triton.cdiv(D, BLOCK_D), B)](
         x, weight, weight if bias is None else bias, out, x.shape[2], x.shape[1], *x.stride(), *out.stride(),
         *weight.stride(), WIDTH=weight.shape[1], HAS_BIAS=bias is not None, SILU=silu, BLOCK_L=FORWARD_BLOCK_L,
-        BLOCK_D=BLOCK_D, num_warps=4)
+        BLOCK_D=BLOCK_D, num_warps=NUM_WARPS)
     return out
 
 
@@ -162,5 +164,5 @@ def conv_backward(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bia
             x, weight, weight if bias is None else bias, dout, dx, partial, L, D, *x.stride(), *dout.stride(),
             *dx.stride(), *weight.stride(), WIDTH=width, TAPS=triton.next_power_of_2(width + 1),
             HAS_BIAS=bias is not None, SILU=silu, CHUNK_L=BACKWARD_CHUNK_L, BLOCK_L=BACKWARD_BLOCK_L,
-            BLOCK_D=BLOCK_D, num_warps=4)
+            BLOCK_D=BLOCK_D, num_warps=NUM_WARPS)
     return dx, partial[:, :width].sum(0).t().contiguous(), partial[:, width].sum(0)
