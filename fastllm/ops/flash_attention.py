@@ -158,6 +158,8 @@ def _validate_qkv(q, k, v, grouped: bool = False) -> None:
             check_shape(name, t, q.shape, "q" + (" (or H_KV dividing q's heads)" if grouped else ""))
     check_shape("v", v, k.shape, "k")
     check_same_device([("q", q), ("k", k), ("v", v)])
+    if q.shape[-1] == 0:
+        raise ValueError(f"q: head_dim must be at least 1, got shape {tuple(q.shape)}")
     if q.shape[0] * q.shape[1] > 65535:
         raise ValueError(f"q: batch * heads must be at most 65535, got shape {tuple(q.shape)}")
 

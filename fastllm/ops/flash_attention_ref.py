@@ -22,6 +22,9 @@ def attention_with_stats_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
     k, v = expand_kv_heads(q, k), expand_kv_heads(q, v)
     scores = torch.matmul(q, k.transpose(-2, -1)) * scale
+    if scores.shape[-1] == 0:  # no keys (T = 0): a maximum over nothing has no value; no row sees a key
+        unseen = torch.full(scores.shape[:-1], float("inf"), device=q.device)
+        return torch.matmul(scores, v), unseen, unseen
     if visible is None:
         probs = torch.softmax(scores, dim=-1)
         return torch.matmul(probs, v), scores.amax(-1).float(), torch.logsumexp(scores.float(), dim=-1)

@@ -228,6 +228,25 @@ def test_cpu_path_without_interpreter_is_the_reference(monkeypatch):
                device="cpu")
 
 
+@pytest.mark.parametrize("path", ["kernels", "cpu_reference", "reference_backend"])
+def test_empty_sequences(path, monkeypatch):
+    """T = 0: empty outputs and gradients from every op on every path (the math reference used to
+    fail on a maximum over no keys)."""
+    if path == "cpu_reference":
+        monkeypatch.setattr(fa._kernels, "INTERPRET", False)
+    device = "cpu" if path == "cpu_reference" else DEVICE
+    shape = (2, 3, 0, 16)
+    q, k, v = [t.float().requires_grad_() for t in _inputs(shape, torch.float32, device=device)]
+    keep = torch.ones(shape[:3], dtype=torch.bool, device=device)
+    buckets = torch.zeros(shape[:3], dtype=torch.int64, device=device)
+    with use_backend("reference" if path == "reference_backend" else "auto"):
+        for out in (flash_attention(q, k, v), flash_attention(q, k, v, causal=False),
+                    qk_sparse_attention(q, k, v, keep, keep), hash_sparse_attention(q, k, v, buckets, buckets)):
+            assert out.shape == shape
+            out.sum().backward()
+            assert q.grad.shape == k.grad.shape == v.grad.shape == shape
+
+
 def test_reference_backend_switch():
     q, k, v = [t.float() for t in _inputs((1, 1, 9, 16), torch.float32)]
     with use_backend("reference"):
@@ -282,6 +301,8 @@ def test_bad_inputs_name_the_argument():
         hash_sparse_attention(q, k, v, keep.long(), keep.float())
     with pytest.raises(TypeError, match="v must be a torch.Tensor"):
         flash_attention(q, k, None)
+    with pytest.raises(ValueError, match="q: head_dim must be at least 1"):
+        flash_attention(q[..., :0], k[..., :0], v[..., :0])
     if torch.cuda.is_available():
         with pytest.raises(ValueError, match="k is on"):
             flash_attention(q, k.cuda(), v)
