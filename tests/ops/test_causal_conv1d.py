@@ -84,11 +84,15 @@ def test_layouts_and_dtypes(poisoned, case):
            weight_dtype=torch.float32 if case == "float32_weights" else None)
 
 
-def test_empty_sequence():
+@pytest.mark.parametrize("path", ["kernels", "torch", "reference"])
+def test_empty_sequence(path, monkeypatch):
+    if path == "torch":
+        monkeypatch.setattr(conv, "_triton_path", lambda x: False)
     x = torch.randn(2, 3, 0, device=DEVICE, requires_grad=True)
     weight = torch.randn(3, 4, device=DEVICE, requires_grad=True)
     bias = torch.randn(3, device=DEVICE, requires_grad=True)
-    y = causal_conv1d(x, weight, bias, "silu")
+    with use_backend("reference" if path == "reference" else "auto"):
+        y = causal_conv1d(x, weight, bias, "silu")
     assert y.shape == (2, 3, 0)
     y.sum().backward()
     assert (weight.grad == 0).all() and (bias.grad == 0).all()
