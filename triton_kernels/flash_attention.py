@@ -165,11 +165,13 @@ def _tile_ranges(lo, hi, valid, BLOCK: tl.constexpr):
     """Splits the tiles that the windows [lo, hi) of one block reach into three runs,
     [first, full_lo) partly seen, [full_lo, full_hi) seen whole by every valid index, [full_hi, end)
     partly seen: only the partly seen tiles build an element mask, and the loop over whole tiles
-    carries no branch, so it software-pipelines. ``end`` is 0 when every window is empty (dropped
-    queries or keys, whose empty windows sit past the kept ones), so their blocks do no work.
-    Indices past T (``valid`` false) are never stored, so they do not narrow the whole run."""
-    first = (tl.min(lo, 0) // BLOCK) * BLOCK
-    end = tl.where(tl.max(hi - lo, 0) > 0, tl.max(hi, 0), 0)
+    carries no branch, so it software-pipelines. Empty windows (dropped tokens, indices past T) do
+    not widen the range, wherever they sit: a block of them does no work. A valid index with an
+    empty window leaves no whole run (its row would see the unmasked tiles); indices past T are
+    never stored, so they do not narrow the whole run."""
+    seen = hi > lo
+    end = tl.max(tl.where(seen, hi, 0), 0)
+    first = (tl.min(tl.where(seen, lo, end), 0) // BLOCK) * BLOCK
     lo_max = tl.max(tl.where(valid, lo, 0), 0)
     hi_min = tl.min(tl.where(valid, hi, end), 0)
     full_lo = tl.minimum(tl.maximum(tl.cdiv(lo_max, BLOCK) * BLOCK, first), end)
