@@ -8,9 +8,10 @@ Tensors are (batch, heads, seq, head_dim) as in ``torch.nn.functional.scaled_dot
 
 The sparse ops order queries and keys on the device, without a host synchronisation (a stable
 compaction of the kept tokens by prefix sums, or a stable sort by bucket that keeps time order
-inside a bucket). In that order every query sees one contiguous run of keys [lo, hi), found once by
-``searchsorted`` (the backward derives the keys' query runs once from these), and the kernels visit
-only the key blocks (backward: also only the query blocks) that these windows touch. The tensors
+inside a bucket). In that order every query sees one contiguous run of keys [lo, hi), and every key
+is seen by one contiguous run of queries: QK-sparse builds its orders and both sides' runs in one
+Triton launch, hash-sparse with ``searchsorted``. The kernels visit only the key blocks (backward:
+also only the query blocks) that these windows touch. The tensors
 the kernels' loops read are first copied into that order (one gather pass each, so the loops load
 contiguous tiles that pipeline like dense attention's); queries, outputs and gradients are read and
 written through the orders, so they stay in the original order. Rows that see no key are exactly 0.
@@ -206,11 +207,15 @@ def _column_windows(row_lo: torch.Tensor, row_hi: torch.Tensor) -> tuple[torch.T
     return col_lo, col_hi
 
 
+def _frame_windows(row_lo: torch.Tensor, row_hi: torch.Tensor) -> torch.Tensor:
+    """The windows of both sides, (row_lo, row_hi, col_lo, col_hi) stacked, from the rows' (int32,
+    non-decreasing)."""
+    return torch.stack([row_lo, row_hi, *_column_windows(row_lo, row_hi)])
+
+
 def _windowed(q, k, v, q_order, k_order, row_lo, row_hi, scale) -> torch.Tensor:
-    """Attention where query q_order[r] sees the keys k_order[c], c in [row_lo[r], row_hi[r]) (int32,
-    non-decreasing). The kernels get the windows of both sides, (row_lo, row_hi, col_lo, col_hi)."""
-    windows = torch.stack([row_lo, row_hi, *_column_windows(row_lo, row_hi)])
-    return _forward(q, k, v, windows, q_order.int(), k_order.int(), True, scale)[0]
+    """Attention where query q_order[r] sees the keys k_order[c], c in [row_lo[r], row_hi[r])."""
+    return _forward(q, k, v, _frame_windows(row_lo, row_hi), q_order.int(), k_order.int(), True, scale)[0]
 
 
 def _stable_partition(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -222,6 +227,21 @@ def _stable_partition(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     n_kept = kept_upto[..., -1:]
     rank = torch.where(keep, kept_upto - 1, n_kept + positions - kept_upto).long()
     return _inverse(rank), kept_upto, n_kept
+
+
+def qk_sparse_windows(q_keep: torch.Tensor, k_keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q_order, k_order, windows) of QK-sparse attention in torch ops: the frame that the Triton
+    launch ``qk_sparse_windows`` builds in one pass (its oracle), for tensors the kernels do not take."""
+    k_order, keys_upto, nk = _stable_partition(k_keep)
+    if q_keep is k_keep:  # queries and keys kept together: one partition serves both
+        q_order, nq = k_order, nk
+    else:
+        q_order, _, nq = _stable_partition(q_keep)
+    # Kept query r sees the kept keys at positions <= its own: the first keys_upto[pos] of them.
+    kept_row = torch.arange(q_keep.shape[-1], device=q_keep.device, dtype=torch.int32) < nq
+    row_hi = torch.where(kept_row, torch.gather(keys_upto, -1, q_order), nk)
+    row_lo = torch.where(kept_row, 0, nk)  # dropped queries: an empty window past every kept key
+    return q_order.int(), k_order.int(), _frame_windows(row_lo, row_hi)
 
 
 def qk_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_keep: torch.Tensor,
@@ -238,16 +258,9 @@ def qk_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_kee
     if _backend.current_backend() == "reference" or q.numel() == 0:
         return qk_sparse_attention_reference(q, k, v, q_keep, k_keep, scale)
     with nvtx_range("fastllm.qk_sparse_attention"):
-        k_order, keys_upto, nk = _stable_partition(k_keep)
-        if q_keep is k_keep:  # queries and keys kept together: one partition serves both
-            q_order, nq = k_order, nk
-        else:
-            q_order, _, nq = _stable_partition(q_keep)
-        # Kept query r sees the kept keys at positions <= its own: the first keys_upto[pos] of them.
-        kept_row = torch.arange(q.shape[2], device=q.device, dtype=torch.int32) < nq
-        row_hi = torch.where(kept_row, torch.gather(keys_upto, -1, q_order), nk)
-        row_lo = torch.where(kept_row, 0, nk)  # dropped queries: an empty window past every kept key
-        return _windowed(q, k, v, q_order, k_order, row_lo, row_hi, scale)
+        build_frame = _kernels.qk_sparse_windows if triton_path(q) else qk_sparse_windows
+        q_order, k_order, windows = build_frame(q_keep, k_keep)
+        return _forward(q, k, v, windows, q_order, k_order, True, scale)[0]
 
 
 def hash_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_buckets: torch.Tensor,

@@ -174,6 +174,23 @@ def test_one_tensor_for_both_sides():
            grad_floor=ULPS_OF_ONE)
 
 
+@pytest.mark.parametrize("case", ["random", "shared_mask", "all_dropped", "all_kept", "T1"])
+def test_qk_sparse_frame_kernel_matches_torch(case):
+    """The one-launch frame of QK-sparse attention (orders and windows) equals the torch ops' exactly,
+    over several of the kernel's blocks (64 positions under the interpreter)."""
+    shape = (2, 3, 1 if case == "T1" else 150)
+    q_keep = torch.rand(shape, device=DEVICE) < 0.5
+    k_keep = q_keep if case == "shared_mask" else torch.rand(shape, device=DEVICE) < 0.4
+    if case == "all_dropped":
+        q_keep, k_keep = torch.zeros_like(q_keep), torch.zeros_like(k_keep)
+    elif case in ("all_kept", "T1"):
+        q_keep, k_keep = torch.ones_like(q_keep), torch.ones_like(k_keep)
+    kernel_frame = fa._kernels.qk_sparse_windows(q_keep, k_keep)
+    for name, got, expected in zip(("q_order", "k_order", "windows"), kernel_frame,
+                                   fa.qk_sparse_windows(q_keep, k_keep)):
+        assert got.dtype == expected.dtype and torch.equal(got, expected), name
+
+
 @pytest.mark.parametrize("case", ["qk", "hash"])
 def test_sparse_kernels_never_read_unseen_tokens(case):
     """The kernels read only the queries that see some key and the keys that some query sees (their
