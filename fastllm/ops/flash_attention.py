@@ -11,11 +11,11 @@ compaction of the kept tokens by prefix sums, or a stable sort by bucket that ke
 inside a bucket). In that order every query sees one contiguous run of keys [lo, hi), and every key
 is seen by one contiguous run of queries: QK-sparse builds its orders and both sides' runs in one
 Triton launch, hash-sparse with ``searchsorted``. The kernels visit only the key blocks (backward:
-also only the query blocks) that these windows touch. The tensors
-the kernels' loops read are first copied into that order (one gather pass each, so the loops load
-contiguous tiles that pipeline like dense attention's); queries, outputs and gradients are read and
-written through the orders, so they stay in the original order. Rows that see no key are exactly 0.
-The kernels never read dropped tokens, queries that see no key or keys that no query sees.
+also only the query blocks) that these windows touch. The tensors the kernels' loops read are first
+copied into that order (one gather pass each, so the loops load contiguous tiles that pipeline like
+dense attention's); queries, outputs and gradients are read and written through the orders, so they
+stay in the original order. Rows that see no key are exactly 0. The kernels never read dropped
+tokens, queries that see no key or keys that no query sees.
 
 Dispatch: CUDA tensors run the Triton kernels (float16, bfloat16, float32; head dims 16, 32, 64,
 128). CPU tensors run the Triton kernels only under the Triton interpreter (``TRITON_INTERPRET=1``,
@@ -102,9 +102,9 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows: torch.T
     """(out, stats): stats (fp32 (2, B, H, T), not differentiable) hold each row's maximum scaled
     score (in log2 units) and log2 of its softmax denominator, see ``attention_forward``.
 
-    With windows (int32 (4, B, H, T), see ``_windowed``, and the orders q_order, k_order (int32
-    (B, H, T))) query q_order[r] sees the keys k_order[c] for c in [windows[0, r], windows[1, r]);
-    ``causal`` is ignored.
+    With windows (int32 (4, B, H, T): row_lo, row_hi, col_lo, col_hi, see ``_frame_windows``) and
+    the orders q_order, k_order (int32 (B, H, T)), query q_order[r] sees the keys k_order[c] for c in
+    [row_lo[r], row_hi[r]); ``causal`` is ignored.
     """
     if triton_path(q):
         return _kernels.attention_forward(q, k, v, windows, q_order, k_order, causal, softmax_scale)
