@@ -214,3 +214,17 @@ def test_flex_block_mask_build_cuda(timer, case, T):
     timer(lambda: _block_mask(mask_mod, T, per_head=True),
           group=f"{kind}-sparse {label} T={T} block mask build", name="flex_create_block_mask", device="cuda",
           rounds=5)
+
+
+@pytest.mark.parametrize("impl", ["fastllm_frame_kernel", "torch_ops"])
+def test_qk_sparse_frame_cuda(timer, impl):
+    """QK-sparse attention's set-up at T = 16k, half of the queries and keys dropped: both orders and
+    the windows of rows and columns, from one Triton launch or from the torch ops it replaced."""
+    from fastllm.ops.flash_attention import _kernels, qk_sparse_windows
+
+    T = 16384
+    g = torch.Generator(device="cuda").manual_seed(1)
+    q_keep, k_keep = (torch.rand(B, H, T, device="cuda", generator=g) >= 0.5 for _ in range(2))
+    build = _kernels.qk_sparse_windows if impl == "fastllm_frame_kernel" else qk_sparse_windows
+    timer(lambda: build(q_keep, k_keep), group=f"qk-sparse drop=0.5 T={T} frame", name=impl, device="cuda",
+          bytes_moved=2 * B * H * T + 6 * 4 * B * H * T, rounds=50)
