@@ -35,7 +35,7 @@ KERNELS = {  # name: (kernel, tuned configs, short-sequence configs)
 }
 SIZE_ARGS = {"H", "H_KV", "T"}  # upper-case like the pointers, but integers
 FLOAT_ARGS = {"scale_log2", "scale"}
-FLOAT32_POINTERS = {"STATS", "DELTA"}
+FLOAT32_POINTERS = {"STATS", "ROWS"}
 INT32_POINTERS = {"LO", "HI", "COL_LO", "COL_HI", "QIDX", "KIDX"}
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 
