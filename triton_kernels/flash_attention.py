@@ -24,10 +24,10 @@ their probabilities (and so their gradients) exactly zero in the backward.
 Forward: online softmax in base 2; saves each row's maximum and log2 of its sum (fp32), from
 which the backward recomputes the probabilities with the forward's own roundings. Backward: a
 preprocess for each query row's terms (``delta = rowsum(dO * O)``, and the sum of the forward's two
-statistics), one pass over key blocks for dK and dV and a separate
-pass over query blocks for dQ (no atomics). Accumulation is fp32; fp32 inputs use IEEE products
-(no TF32), summed over the head dim in four runs added pairwise, so they can serve as tests against
-torch's fp32 error. Head dims are powers of two from 16 to 128.
+statistics), one pass over key blocks for dK and dV and a separate pass over query blocks for dQ
+(no atomics). Accumulation is fp32; fp32 inputs use IEEE products (no TF32), summed over the head
+dim in four runs added pairwise, so they can serve as tests against torch's fp32 error. Head dims
+are powers of two from 16 to 128.
 """
 
 from __future__ import annotations
