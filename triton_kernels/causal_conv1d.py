@@ -28,7 +28,7 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # (x at 2 * WIDTH - 1 shifts, dout at WIDTH). Compiled for sm_90 with Triton 3.6 and 3.9, for
 # channel-contiguous x (a Mamba block's) and for contiguous x: with 4 warps the 64 x 64 forward tile
 # spills (312 bytes, contiguous x, 3.9) and the 16 x 64 backward tile takes 255 registers (3.6) or
-# spills (3.9); with 8 warps neither spills (forward 78-166 registers, backward 175-187). Each
+# spills (3.9); with 8 warps neither spills (forward 78-166 registers, backward 156-164). Each
 # backward program walks CHUNK_L positions, so the partial weight sums take (L / CHUNK_L) rows per
 # batch row. Under the interpreter (CPU tests) small tiles keep runs fast and still cross blocks and
 # chunks.
@@ -108,10 +108,12 @@ def _backward_kernel(X, WEIGHT, BIAS, DOUT, DX, PARTIAL, L, D, stride_xb, stride
     DX += b * stride_dxb
     args = (X, WEIGHT, BIAS, DOUT)
     strides = (stride_xl, stride_xd, stride_wd, stride_wk, stride_gl, stride_gd)
-    # Row k < WIDTH of ``sums``: this chunk's share of dweight_k = sum_t dA_t x_{t - WIDTH + 1 + k};
-    # row WIDTH: of dbias = sum_t dA_t.
-    taps = tl.arange(0, TAPS)[:, None]
-    sums = tl.zeros([TAPS, BLOCK_D], tl.float32)
+    # This chunk's terms of dweight_k = sum_t dA_t x_{t - WIDTH + 1 + k} (tap k < WIDTH of
+    # weight_terms) and of dbias = sum_t dA_t, summed over positions once, after the loop: a sum per
+    # step would cost shuffles and barriers across the warps that share a channel.
+    taps = tl.arange(0, TAPS)
+    weight_terms = tl.zeros([TAPS, BLOCK_L, BLOCK_D], tl.float32)
+    bias_terms = tl.zeros([BLOCK_L, BLOCK_D], tl.float32)
     chunk_start = pid_chunk * CHUNK_L
     for start in tl.range(chunk_start, tl.minimum(chunk_start + CHUNK_L, L), BLOCK_L):
         offs_l = start + tl.arange(0, BLOCK_L)
@@ -124,12 +126,15 @@ def _backward_kernel(X, WEIGHT, BIAS, DOUT, DX, PARTIAL, L, D, stride_xb, stride
         mask = (offs_l < L)[:, None] & d_valid[None, :]
         tl.store(DX + offs_l[:, None] * stride_dxl + offs_d[None, :] * stride_dxd, dx.to(DX.dtype.element_ty),
                  mask=mask)
-        sums = tl.where(taps == WIDTH, sums + tl.sum(grad_here, 0)[None, :], sums)
-        for k in tl.static_range(WIDTH):
-            x = _load_tile(X, offs_l - (WIDTH - 1) + k, offs_d, d_valid, L, stride_xl, stride_xd)
-            sums = tl.where(taps == k, sums + tl.sum(grad_here * x, 0)[None, :], sums)
-    rows = (b * tl.num_programs(0) + pid_chunk) * (WIDTH + 1) + taps
-    tl.store(PARTIAL + rows * D + offs_d[None, :], sums, mask=(taps <= WIDTH) & d_valid[None, :])
+        t = offs_l[None, :, None] - (WIDTH - 1) + taps[:, None, None]
+        in_range = (t >= 0) & (t < L) & (taps < WIDTH)[:, None, None] & d_valid[None, None, :]
+        x = tl.load(X + t * stride_xl + offs_d[None, None, :] * stride_xd, mask=in_range, other=0.0)
+        weight_terms += grad_here[None, :, :] * x.to(tl.float32)
+        bias_terms += grad_here
+    first_row = (b * tl.num_programs(0) + pid_chunk) * (WIDTH + 1)
+    tl.store(PARTIAL + (first_row + taps[:, None]) * D + offs_d[None, :], tl.sum(weight_terms, 1),
+             mask=(taps < WIDTH)[:, None] & d_valid[None, :])
+    tl.store(PARTIAL + (first_row + WIDTH) * D + offs_d, tl.sum(bias_terms, 0), mask=d_valid)
 
 
 def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -162,7 +167,7 @@ def conv_backward(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bia
     if dx.numel() > 0:
         wrap_triton(_backward_kernel)[grid](
             x, weight, weight if bias is None else bias, dout, dx, partial, L, D, *x.stride(), *dout.stride(),
-            *dx.stride(), *weight.stride(), WIDTH=width, TAPS=triton.next_power_of_2(width + 1),
+            *dx.stride(), *weight.stride(), WIDTH=width, TAPS=triton.next_power_of_2(width),
             HAS_BIAS=bias is not None, SILU=silu, CHUNK_L=BACKWARD_CHUNK_L, BLOCK_L=BACKWARD_BLOCK_L,
             BLOCK_D=BLOCK_D, num_warps=NUM_WARPS)
     return dx, partial[:, :width].sum(0).t().contiguous(), partial[:, width].sum(0)
