@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastllm.ops.causal_conv1d import causal_conv1d
+from fastllm.ops.causal_conv1d import _preactivation_torch, causal_conv1d
 from fastllm.ops.causal_conv1d_ref import causal_conv1d_reference
 from fastllm.ops.selective_scan import chunk_length, num_chunks, selective_scan
 from fastllm.ops.selective_scan_ref import selective_scan_parallel, selective_scan_reference
@@ -136,23 +136,20 @@ def test_state_update(timer, impl, device):
           bytes_moved=2 * state.numel() * 4 + 4 * batch * dim * e, rounds=50, warmup=5)
 
 
-def _conv_torch(x, w, b):
-    return F.conv1d(F.pad(x, (w.shape[1] - 1, 0)), w.unsqueeze(1), b, groups=x.shape[1])
-
-
 @pytest.mark.parametrize("impl", ["fastllm_torch_conv1d", "shift_add"])
 def test_causal_conv1d_cpu(timer, impl):
-    """Why fastllm.ops.causal_conv1d uses torch's convolution: forward + backward against shift-and-add."""
+    """Why fastllm.ops.causal_conv1d uses torch's convolution on CPUs: the op (whose CPU path that is),
+    forward + backward, against shift-and-add."""
     x = torch.randn(2, 512, 512, requires_grad=True)
     w, b = torch.randn(512, 4, requires_grad=True), torch.randn(512, requires_grad=True)
-    fn = _conv_torch if impl.startswith("fastllm") else causal_conv1d_reference
+    fn = causal_conv1d if impl.startswith("fastllm") else causal_conv1d_reference
     timer(lambda: fn(x, w, b).sum().backward(), group="causal_conv1d cpu fwd+bwd b2 d512 L512 w4", name=impl,
           device="cpu", rounds=10, warmup=2)
 
 
 CONV_IMPLEMENTATIONS = {
     "fastllm": lambda x, w, b: causal_conv1d(x, w, b, "silu"),
-    "torch_conv1d": lambda x, w, b: F.silu(_conv_torch(x, w, b)),
+    "torch_conv1d": lambda x, w, b: F.silu(_preactivation_torch(x, w, b)),  # the op's CPU path
     "shift_add": lambda x, w, b: causal_conv1d_reference(x, w, b, "silu"),
 }
 
