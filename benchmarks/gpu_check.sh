@@ -9,6 +9,7 @@
 #   LOGS=dir                        # logs and JSON tables (default /tmp/fastllm-gpu-check)
 #   TESTS="tests/ops/test_x.py"     # what the tests part runs (default: the GPU-relevant suites)
 #   BENCH_K="cuda and not compiled" # which op benchmarks run (pytest -k; default: cuda)
+#   ATTN_K="not flex"               # which attention benchmarks run (pytest -k; default: all)
 #
 # Parts: build, tests (ops, layers and models whole, gpu-marked tests elsewhere), ops (AdEMAMix,
 # xIELU, selective scan, depth-weighted average, linear cross-entropy), attention (dense and sparse
@@ -26,6 +27,7 @@ BUDGET=${BUDGET:-480}
 ALL_TESTS="tests/ops tests/nn tests/models"
 TESTS=${TESTS:-$ALL_TESTS}
 BENCH_K=${BENCH_K:-cuda}
+ATTN_K=${ATTN_K:-}
 mkdir -p "$LOGS"
 status=0
 start=$(date +%s)
@@ -74,7 +76,7 @@ if has tests; then
 fi
 has ops && bench ops 200 benchmarks -k "$BENCH_K" --ignore=benchmarks/bench_flash_attention.py \
   --ignore=benchmarks/bench_train.py --ignore=benchmarks/bench_mamba_generation.py
-has attention && bench attention 240 benchmarks/bench_flash_attention.py
+has attention && bench attention 240 benchmarks/bench_flash_attention.py ${ATTN_K:+-k "$ATTN_K"}
 has train && bench train 240 benchmarks/bench_train.py benchmarks/bench_mamba_generation.py -k cuda
 
 if has lm; then  # dense, hash-sparse and QK-dropping LMs at T = 2048: validation loss and tokens/s
