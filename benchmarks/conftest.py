@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import statistics
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -50,16 +51,39 @@ class Timer:
         self.benchmark.group = group
         self.benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=0)
         median = statistics.median(self.benchmark.stats.stats.data)
+        self.benchmark.extra_info.update(self._record(group, name, median, device, bytes_moved, flops))
+        return median
+
+    def interleaved(self, fns: dict, *, group: str, device, rounds: int = 10, warmup: int = 2) -> dict[str, float]:
+        """Times several implementations in turn (A, B, A, B, ...), so that drift of the card or the host
+        during the run weighs on all of them alike; records and returns each median in seconds."""
+        for _ in range(warmup):
+            for fn in fns.values():
+                fn()
+        sync(device)
+        times = {name: [] for name in fns}
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                start = time.perf_counter()
+                fn()
+                sync(device)
+                times[name].append(time.perf_counter() - start)
+        medians = {name: statistics.median(t) for name, t in times.items()}
+        for name, median in medians.items():
+            self._record(group, name, median, device)
+        return medians
+
+    def _record(self, group: str, name: str, median: float, device, bytes_moved: float | None = None,
+                flops: float | None = None) -> dict:
         row = {"median_ms": median * 1e3, "device": str(torch.device(device))}
         if bytes_moved is not None:
             row["GB_per_s"] = bytes_moved / median / 1e9
         if flops is not None:
             row["TFLOP_per_s"] = flops / median / 1e12
-        self.benchmark.extra_info.update(row)
         _RESULTS[group][name] = row
         if self.results_json:  # after every benchmark, so a run stopped at its time limit keeps its rows
             _write_json(self.results_json)
-        return median
+        return row
 
 
 @pytest.fixture
