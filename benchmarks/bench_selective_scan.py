@@ -136,20 +136,23 @@ def test_state_update(timer, impl, device):
           bytes_moved=2 * state.numel() * 4 + 4 * batch * dim * e, rounds=50, warmup=5)
 
 
-@pytest.mark.parametrize("impl", ["fastllm_torch_conv1d", "shift_add"])
-def test_causal_conv1d_cpu(timer, impl):
-    """Why fastllm.ops.causal_conv1d uses torch's convolution on CPUs: the op (whose CPU path that is),
-    forward + backward, against shift-and-add."""
-    x = torch.randn(2, 512, 512, requires_grad=True)
-    w, b = torch.randn(512, 4, requires_grad=True), torch.randn(512, requires_grad=True)
-    fn = causal_conv1d if impl.startswith("fastllm") else causal_conv1d_reference
-    timer(lambda: fn(x, w, b).sum().backward(), group="causal_conv1d cpu fwd+bwd b2 d512 L512 w4", name=impl,
-          device="cpu", rounds=10, warmup=2)
+@pytest.mark.parametrize("impl", ["fastllm", "torch_conv1d", "shift_add"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_causal_conv1d_cpu(timer, impl, layout):
+    """The op's C++ CPU kernels, forward + backward, against torch's convolution under autograd and
+    shift-and-add; channels_last is a Mamba block's (B, D, L) view of its (B, L, D) projection."""
+    batch, dim, length = 2, 512, 512
+    x = torch.randn(batch, length, dim).transpose(1, 2) if layout == "channels_last" else torch.randn(batch, dim, length)
+    x.requires_grad_()
+    w, b = torch.randn(dim, 4, requires_grad=True), torch.randn(dim, requires_grad=True)
+    fn = CONV_IMPLEMENTATIONS[impl]
+    timer(lambda: fn(x, w, b).sum().backward(), group=f"causal_conv1d cpu fwd+bwd b{batch} d{dim} L{length} w4 {layout}",
+          name=impl, device="cpu", rounds=10, warmup=2)
 
 
 CONV_IMPLEMENTATIONS = {
     "fastllm": lambda x, w, b: causal_conv1d(x, w, b, "silu"),
-    "torch_conv1d": lambda x, w, b: F.silu(_preactivation_torch(x, w, b)),  # the op's CPU path
+    "torch_conv1d": lambda x, w, b: F.silu(_preactivation_torch(x, w, b)),  # the op's fallback path
     "shift_add": lambda x, w, b: causal_conv1d_reference(x, w, b, "silu"),
 }
 

@@ -43,4 +43,5 @@ PYBIND11_MODULE(_C, m) {
   fastllm::bind_xielu(m);
   fastllm::bind_selective_scan(m);
   fastllm::bind_depth_weighted_average(m);
+  fastllm::bind_causal_conv1d(m);
 }

@@ -14,5 +14,6 @@ void bind_ademamix(pybind11::module_& m);
 void bind_xielu(pybind11::module_& m);
 void bind_selective_scan(pybind11::module_& m);
 void bind_depth_weighted_average(pybind11::module_& m);
+void bind_causal_conv1d(pybind11::module_& m);
 
 }  // namespace fastllm

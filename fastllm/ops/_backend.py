@@ -32,8 +32,13 @@ def triton_runs_on(tensor: torch.Tensor, interpret: bool) -> bool:
     """Whether a Triton kernel runs on ``tensor``'s device: CUDA, or the CPU under the interpreter
     (``interpret``). The interpreter runs kernels on real CPU tensors at once, so under tracing (fake
     or functional tensors: opcheck, torch.compile) the CPU graph gets the torch path instead."""
-    return tensor.device.type == "cuda" or (tensor.device.type == "cpu" and interpret
-                                            and not isinstance(tensor, (FakeTensor, FunctionalTensor)))
+    return tensor.device.type == "cuda" or (tensor.device.type == "cpu" and interpret and holds_data(tensor))
+
+
+def holds_data(tensor: torch.Tensor) -> bool:
+    """False for the fake and functional tensors of tracing (opcheck, torch.compile), whose data a
+    kernel called with raw pointers cannot read."""
+    return not isinstance(tensor, (FakeTensor, FunctionalTensor))
 
 
 def current_backend() -> str:

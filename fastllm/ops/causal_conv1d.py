@@ -10,11 +10,11 @@ included), output in x's dtype, weight gradients in the weights' dtypes. Dispatc
   Mamba block's channel-contiguous x in place. Torch's grouped convolution is slow for this shape
   (depthwise, width 4, thousands of channels: pytorch/pytorch#192902);
   benchmarks/bench_selective_scan.py times both.
-* CPU: torch's grouped convolution with left padding (weights cast to x's dtype, as autocast does).
-  Measured on the 2-core CPU against shift-and-add (one multiply-add per tap, see
-  benchmarks/bench_selective_scan.py): the convolution's forward is as fast or up to 4x faster; its
-  backward is slower at batch 1-2 (its weight gradient) and faster at batch 8. The op tests run the
-  Triton kernels on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``).
+* CPU: the C++ kernels of csrc/causal_conv1d (float32 and bfloat16 x; OpenMP over tiles of channels
+  and positions, each tile read once along x's contiguous axis). Float16 and float64 x, and graphs
+  under tracing (opcheck, torch.compile), take torch's grouped convolution with left padding
+  (weights cast to x's dtype, as autocast does). The op tests also run the Triton kernels on CPU
+  tensors under the Triton interpreter (``TRITON_INTERPRET=1``).
 
 ``FASTLLM_BACKEND=reference`` runs fastllm/ops/causal_conv1d_ref.py (a direct sum over taps) instead.
 """
@@ -36,6 +36,7 @@ except ImportError:  # Triton is an optional dependency
 
 ACTIVATIONS = (None, "silu")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+CPP_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _check(x_name, x, weight, bias, activation, ndim):
@@ -60,10 +61,46 @@ def _check(x_name, x, weight, bias, activation, ndim):
 TRITON_ON_CPU = False
 
 
-def _triton_path(x: torch.Tensor) -> bool:
-    if _kernels is None or x.dtype not in _kernels.KERNEL_DTYPES:
-        return False
-    return _backend.triton_runs_on(x, TRITON_ON_CPU and _kernels.INTERPRET)
+def _path(x: torch.Tensor) -> str:
+    """Which implementation runs on x: 'triton', 'cpp' or 'torch'."""
+    if _kernels is not None and x.dtype in _kernels.KERNEL_DTYPES and _backend.triton_runs_on(
+            x, TRITON_ON_CPU and _kernels.INTERPRET):
+        return "triton"
+    if (x.device.type == "cpu" and x.dtype in CPP_DTYPES and _backend.has_cpu_kernels()
+            and _backend.holds_data(x)):
+        return "cpp"
+    return "torch"
+
+
+def _empty_cpu(shape, dtype: torch.dtype) -> torch.Tensor:
+    """The C++ kernels' outputs (the op tests fill them with NaN first, so unwritten elements show)."""
+    return torch.empty(shape, dtype=dtype)
+
+
+def _fp32_parameters(weight, bias):
+    """The weights as the C++ kernels take them: contiguous float32, bias None for none."""
+    return weight.float().contiguous(), None if bias is None else bias.float().contiguous()
+
+
+def _forward_cpp(x, weight, bias, silu):
+    out = _empty_cpu(x.shape, x.dtype)
+    weight, bias = _fp32_parameters(weight, bias)
+    _backend._C.causal_conv1d_forward_cpu(
+        x.data_ptr(), x.stride(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(), out.data_ptr(),
+        (*x.shape, weight.shape[1]), silu, _backend.DTYPE_CODES[x.dtype], _backend.cpu_threads())
+    return out
+
+
+def _backward_cpp(dout, x, weight, bias, silu):
+    dout = dout.to(x.dtype)
+    dx = _empty_cpu(x.shape, x.dtype)
+    weight, bias = _fp32_parameters(weight, bias)
+    dweight, dbias = _empty_cpu(weight.shape, torch.float32), _empty_cpu(x.shape[1], torch.float32)
+    _backend._C.causal_conv1d_backward_cpu(
+        dout.data_ptr(), dout.stride(), x.data_ptr(), x.stride(), weight.data_ptr(),
+        0 if bias is None else bias.data_ptr(), dx.data_ptr(), dweight.data_ptr(), dbias.data_ptr(),
+        (*x.shape, weight.shape[1]), silu, _backend.DTYPE_CODES[x.dtype], _backend.cpu_threads())
+    return dx, dweight, dbias
 
 
 def _preactivation_torch(x, weight, bias):
@@ -75,7 +112,7 @@ def _preactivation_torch(x, weight, bias):
 
 
 def _backward_torch(dout, x, weight, bias, silu):
-    """(dx, dweight, dbias) in x's dtype from torch's convolution backward (the CPU path)."""
+    """(dx, dweight, dbias) in x's dtype from torch's convolution backward."""
     if x.shape[2] == 0:  # as in _preactivation_torch
         return x.new_empty(x.shape), x.new_zeros(weight.shape), x.new_zeros(x.shape[1])
     dout = dout.to(x.dtype)
@@ -92,8 +129,11 @@ def _backward_torch(dout, x, weight, bias, silu):
 
 @torch.library.triton_op("fastllm::causal_conv1d", mutates_args=())
 def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu: bool) -> torch.Tensor:
-    if _triton_path(x):
+    path = _path(x)
+    if path == "triton":
         return _kernels.conv_forward(x, weight, bias, silu)
+    if path == "cpp":
+        return _forward_cpp(x, weight, bias, silu)
     out = _preactivation_torch(x, weight, bias)
     return F.silu(out) if silu else out
 
@@ -102,8 +142,11 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, s
 def _backward(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
               silu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dweight, dbias), dbias of shape (dim,) even without a bias (then unused)."""
-    if _triton_path(x):
+    path = _path(x)
+    if path == "triton":
         dx, dweight, dbias = _kernels.conv_backward(dout, x, weight, bias, silu)
+    elif path == "cpp":
+        dx, dweight, dbias = _backward_cpp(dout, x, weight, bias, silu)
     else:
         dx, dweight, dbias = _backward_torch(dout, x, weight, bias, silu)
     return dx, dweight.to(weight.dtype), dbias.to(weight.dtype if bias is None else bias.dtype)

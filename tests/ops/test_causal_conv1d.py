@@ -1,7 +1,8 @@
 """Causal depthwise conv1d against a direct sum over taps in fp64, forward and every gradient.
 
 On a machine without a GPU the Triton kernels run in the interpreter on CPU tensors (tests/conftest.py
-sets TRITON_INTERPRET=1), in float32 and float16; bfloat16 runs on GPUs only.
+sets TRITON_INTERPRET=1), in float32 and float16; bfloat16 runs on GPUs only. The C++ CPU kernels run
+in float32 and bfloat16 on every machine.
 """
 
 import importlib
@@ -9,7 +10,7 @@ import importlib
 import pytest
 import torch
 
-from fastllm.ops import use_backend
+from fastllm.ops import _backend, use_backend
 from fastllm.ops.causal_conv1d import causal_conv1d, causal_conv1d_state, causal_conv1d_update
 from fastllm.ops.causal_conv1d_ref import causal_conv1d_reference as reference
 from fastllm.testing import BACKWARD_FACTOR, assert_error_ratio, poison_, requires_cuda
@@ -17,6 +18,7 @@ from fastllm.testing import BACKWARD_FACTOR, assert_error_ratio, poison_, requir
 conv = importlib.import_module("fastllm.ops.causal_conv1d")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_triton = pytest.mark.skipif(conv._kernels is None, reason="needs triton")
+needs_cpp = pytest.mark.skipif(not _backend.has_cpu_kernels(), reason="needs the compiled CPU kernels")
 
 
 @pytest.fixture(autouse=True)
@@ -33,17 +35,25 @@ def poisoned(monkeypatch):
             torch.empty(shape, dtype=dtype, device=device)))
 
 
+@pytest.fixture
+def cpp_path(monkeypatch):
+    """CPU tensors go to the C++ kernels, whose outputs are NaN-filled first."""
+    monkeypatch.setattr(conv, "TRITON_ON_CPU", False)
+    monkeypatch.setattr(conv, "_empty_cpu", lambda shape, dtype: poison_(torch.empty(shape, dtype=dtype)))
+
+
 def _channels_last(t):
     """t's values laid out (B, L, D) and viewed as (B, D, L), as a Mamba block's input projection gives them."""
     return t.transpose(1, 2).contiguous().transpose(1, 2)
 
 
-def _check(shape, width, dtype, activation, with_bias=True, channels_last=False, weight_dtype=None):
+def _check(shape, width, dtype, activation, with_bias=True, channels_last=False, weight_dtype=None, device=DEVICE,
+           path=None):
     """Forward and every gradient in ``dtype`` against fp64, the same direct sum in ``dtype`` as baseline."""
     batch, dim, length = shape
-    x64 = torch.randn(shape, dtype=torch.float64, device=DEVICE)
-    w64 = torch.randn(dim, width, dtype=torch.float64, device=DEVICE) * 0.5
-    b64 = torch.randn(dim, dtype=torch.float64, device=DEVICE) if with_bias else None
+    x64 = torch.randn(shape, dtype=torch.float64, device=device)
+    w64 = torch.randn(dim, width, dtype=torch.float64, device=device) * 0.5
+    b64 = torch.randn(dim, dtype=torch.float64, device=device) if with_bias else None
     weight_dtype = weight_dtype or dtype
     inputs64 = [None if t is None else t.requires_grad_() for t in (x64, w64, b64)]
 
@@ -53,6 +63,7 @@ def _check(shape, width, dtype, activation, with_bias=True, channels_last=False,
         return [x, *(None if t is None else t.detach().to(weight_dtype).requires_grad_() for t in (w64, b64))]
 
     kernel_in, base_in = inputs(), inputs()
+    assert path is None or conv._path(kernel_in[0]) == path
     out = causal_conv1d(*kernel_in, activation)
     ref = reference(*inputs64, activation)
     base = reference(*base_in, activation)
@@ -84,10 +95,46 @@ def test_layouts_and_dtypes(poisoned, case):
            weight_dtype=torch.float32 if case == "float32_weights" else None)
 
 
-@pytest.mark.parametrize("path", ["kernels", "torch", "reference"])
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("activation", [None, "silu"])
+@pytest.mark.parametrize("shape,width,case", [
+    ((2, 5, 19), 4, "contiguous"), ((1, 3, 1), 4, "contiguous"), ((3, 9, 17), 2, "channels_last"),
+    ((1, 6, 11), 1, "contiguous"), ((2, 4, 9), 5, "channels_last"), ((2, 70, 600), 4, "channels_last"),
+    ((3, 33, 257), 3, "contiguous"), ((2, 7, 13), 4, "no_bias"), ((2, 7, 300), 4, "float32_weights")])
+def test_cpp_kernels_match_reference(cpp_path, shape, width, case, activation, dtype):
+    """Several tiles of channels and positions (32 x 256) included, so halos cross tile edges."""
+    _check(shape, width, dtype, activation, with_bias=case != "no_bias", channels_last=case == "channels_last",
+           weight_dtype=torch.float32 if case == "float32_weights" else None, device="cpu", path="cpp")
+
+
+@needs_cpp
+def test_cpp_gradients_do_not_depend_on_thread_count(cpp_path):
+    x = torch.randn(3, 70, 600).transpose(1, 2).contiguous().transpose(1, 2)
+    weight, bias, dout = torch.randn(70, 4), torch.randn(70), torch.randn(3, 70, 600)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+            causal_conv1d(*leaves, "silu").backward(dout)
+            runs.append([t.grad for t in leaves])
+    finally:
+        torch.set_num_threads(threads)
+    for run in runs[1:]:
+        for value, expected in zip(run, runs[0]):
+            assert torch.equal(value, expected)
+
+
+@pytest.mark.parametrize("path", ["kernels", "cpp", "torch", "reference"])
 def test_empty_sequence(path, monkeypatch):
+    if path == "cpp":
+        if DEVICE != "cpu" or not _backend.has_cpu_kernels():
+            pytest.skip("the C++ kernels run on CPU tensors")
+        monkeypatch.setattr(conv, "TRITON_ON_CPU", False)
     if path == "torch":
-        monkeypatch.setattr(conv, "_triton_path", lambda x: False)
+        monkeypatch.setattr(conv, "_path", lambda x: "torch")
     x = torch.randn(2, 3, 0, device=DEVICE, requires_grad=True)
     weight = torch.randn(3, 4, device=DEVICE, requires_grad=True)
     bias = torch.randn(3, device=DEVICE, requires_grad=True)
@@ -98,7 +145,12 @@ def test_empty_sequence(path, monkeypatch):
     assert (weight.grad == 0).all() and (bias.grad == 0).all()
 
 
-def test_torch_path_matches_triton_path(monkeypatch):
+@pytest.mark.parametrize("path", ["torch", "cpp"])
+def test_paths_match_triton_path(path, monkeypatch):
+    if conv._kernels is None:
+        pytest.skip("needs triton")
+    if path == "cpp" and (DEVICE != "cpu" or not _backend.has_cpu_kernels()):
+        pytest.skip("the C++ kernels run on CPU tensors")
     x, weight, bias = (torch.randn(s, device=DEVICE) for s in ((2, 6, 21), (6, 4), (6,)))
     dout = torch.randn(2, 6, 21, device=DEVICE)
 
@@ -108,8 +160,9 @@ def test_torch_path_matches_triton_path(monkeypatch):
         y.backward(dout)
         return [y, *(t.grad for t in leaves)]
 
+    assert conv._path(x) == "triton"
     kernels = run()
-    monkeypatch.setattr(conv, "_triton_path", lambda x: False)
+    monkeypatch.setattr(conv, "_path", lambda x: path)
     for value, expected in zip(kernels, run()):
         torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-5)
 
