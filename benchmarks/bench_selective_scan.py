@@ -142,12 +142,15 @@ def test_causal_conv1d_cpu(timer, impl, layout):
     """The op's C++ CPU kernels, forward + backward, against torch's convolution under autograd and
     shift-and-add; channels_last is a Mamba block's (B, D, L) view of its (B, L, D) projection."""
     batch, dim, length = 2, 512, 512
-    x = torch.randn(batch, length, dim).transpose(1, 2) if layout == "channels_last" else torch.randn(batch, dim, length)
+    if layout == "channels_last":
+        x = torch.randn(batch, length, dim).transpose(1, 2)
+    else:
+        x = torch.randn(batch, dim, length)
     x.requires_grad_()
     w, b = torch.randn(dim, 4, requires_grad=True), torch.randn(dim, requires_grad=True)
     fn = CONV_IMPLEMENTATIONS[impl]
-    timer(lambda: fn(x, w, b).sum().backward(), group=f"causal_conv1d cpu fwd+bwd b{batch} d{dim} L{length} w4 {layout}",
-          name=impl, device="cpu", rounds=10, warmup=2)
+    timer(lambda: fn(x, w, b).sum().backward(), name=impl, device="cpu", rounds=10, warmup=2,
+          group=f"causal_conv1d cpu fwd+bwd b{batch} d{dim} L{length} w4 {layout}")
 
 
 CONV_IMPLEMENTATIONS = {

@@ -6,9 +6,9 @@
 computing in float32 with any floating dtypes of x and the weights (fp32 weights under bf16 autocast
 included), output in x's dtype, weight gradients in the weights' dtypes. Dispatch:
 
-* CUDA: the Triton kernels of fastllm/triton_kernels/causal_conv1d.py, one pass each way, reading a
-  Mamba block's channel-contiguous x in place. Torch's grouped convolution is slow for this shape
-  (depthwise, width 4, thousands of channels: pytorch/pytorch#192902);
+* CUDA: the Triton kernels of fastllm/triton_kernels/causal_conv1d.py (one pass forward, two
+  backward), reading a Mamba block's channel-contiguous x in place. Torch's grouped convolution is
+  slow for this shape (depthwise, width 4, thousands of channels: pytorch/pytorch#192902);
   benchmarks/bench_selective_scan.py times both.
 * CPU: the C++ kernels of csrc/causal_conv1d (float32 and bfloat16 x; OpenMP over tiles of channels
   and positions, each tile read once along x's contiguous axis). Float16 and float64 x, and graphs
