@@ -565,9 +565,11 @@ def qk_sparse_windows(q_keep: torch.Tensor, k_keep: torch.Tensor) -> tuple[torch
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows: torch.Tensor | None,
                       q_order: torch.Tensor | None, k_order: torch.Tensor | None, causal: bool,
-                      softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                      softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launches the forward on q (B, H, T, D) and k, v (B, H_KV, T, D), H_KV dividing H (grouped-query
-    attention); returns (out contiguous, stats fp32 (2, B, H, T)).
+    attention); returns (out contiguous, stats fp32 (2, B, H, T), k_read, v_read): k_read and v_read
+    are what the kernels read, k and v themselves or, with windows, their frames, which the backward
+    takes in their place.
 
     Row i's probabilities are 2^(s_ij * scale * log2(e) - stats[0, i] - stats[1, i]) (row maximum
     and log2 of the row sum; +inf and 0 for rows that see no key).
@@ -583,7 +585,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows
     out = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
     stats = torch.empty((2, B, H, T), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
-        return out, stats
+        return out, stats, torch.empty_like(k), torch.empty_like(v)
     mode = _mode(windows, causal)
     if mode == MODE_WINDOW:
         row_lo, row_hi, col_lo, col_hi = windows
@@ -597,14 +599,16 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows
     wrap_triton(_pick(_FWD_KERNELS, q))[grid](
         q, k, v, out, stats, row_lo, row_hi, q_order, softmax_scale * LOG2E, *_strides(q), *_strides(k),
         *_strides(v), H, k.shape[1], T, HEAD_DIM=D, MODE=mode, IEEE=q.dtype == torch.float32)
-    return out, stats
+    return out, stats, k, v
 
 
 def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                        stats: torch.Tensor, windows: torch.Tensor | None, q_order: torch.Tensor | None,
                        k_order: torch.Tensor | None, causal: bool,
                        softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launches the backward; returns contiguous (dq, dk, dv). ``out`` is the forward's (contiguous)."""
+    """Launches the backward; returns contiguous (dq, dk, dv). ``out`` is the forward's (contiguous);
+    with windows, k and v are the frames the forward read (its k_read, v_read), so they are not
+    gathered twice."""
     q, k, v, dout = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(dout)
     out = out.contiguous()
     B, H, T, D = q.shape
@@ -618,7 +622,6 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     if mode == MODE_WINDOW:
         row_lo, row_hi, col_lo, col_hi = windows
         q = _in_frame(q, q_order, row_lo, row_hi)
-        k, v = _in_frame(k, k_order, col_lo, col_hi), _in_frame(v, k_order, col_lo, col_hi)
         dout_read = torch.empty_like(q)  # dO in the frame, written by the preprocess
     else:  # MODE_FULL/MODE_CAUSAL read no windows
         row_lo = row_hi = col_lo = col_hi = q_order = k_order = torch.empty(1, dtype=torch.int32, device=q.device)

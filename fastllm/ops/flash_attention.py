@@ -13,8 +13,9 @@ is seen by one contiguous run of queries: QK-sparse builds its orders and both s
 Triton launch, hash-sparse with ``searchsorted``. The kernels visit only the key blocks (backward:
 also only the query blocks) that these windows touch. The tensors the kernels' loops read are first
 copied into that order (one gather pass each, so the loops load contiguous tiles that pipeline like
-dense attention's); queries, outputs and gradients are read and written through the orders, so they
-stay in the original order. Rows that see no key are exactly 0. The kernels never read dropped
+dense attention's; the backward reuses the forward's copies of k and v, saved in their place);
+queries, outputs and gradients are read and written through the orders, so they stay in the
+original order. Rows that see no key are exactly 0. The kernels never read dropped
 tokens, queries that see no key or keys that no query sees.
 
 Dispatch: CUDA tensors run the Triton kernels (float16, bfloat16, float32; head dims 16, 32, 64,
@@ -98,22 +99,29 @@ def _restored(x: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
 @torch.library.triton_op("fastllm::flash_attention_forward", mutates_args=())
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows: torch.Tensor | None,
              q_order: torch.Tensor | None, k_order: torch.Tensor | None, causal: bool,
-             softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, stats): stats (fp32 (2, B, H, T), not differentiable) hold each row's maximum scaled
+             softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, stats, k_frame, v_frame): stats (fp32 (2, B, H, T)) hold each row's maximum scaled
     score (in log2 units) and log2 of its softmax denominator, see ``attention_forward``.
 
     With windows (int32 (4, B, H, T): row_lo, row_hi, col_lo, col_hi, see ``_frame_windows``) and
     the orders q_order, k_order (int32 (B, H, T)), query q_order[r] sees the keys k_order[c] for c in
-    [row_lo[r], row_hi[r]); ``causal`` is ignored.
+    [row_lo[r], row_hi[r]); ``causal`` is ignored. k_frame and v_frame are then k and v in key order,
+    which the backward reads instead of k and v (without windows they are empty). stats and the
+    frames are not differentiable.
     """
     if triton_path(q):
-        return _kernels.attention_forward(q, k, v, windows, q_order, k_order, causal, softmax_scale)
-    out, row_max, lse = attention_with_stats_reference(
-        _reordered(q, q_order), _reordered(k, k_order), _reordered(v, k_order), _visible(q, windows, causal),
-        softmax_scale)
-    seen = lse < float("inf")
-    stats = torch.stack([row_max * _LOG2E, torch.where(seen, (lse - row_max) * _LOG2E, 0.0)])
-    return _restored(out, q_order).contiguous(), stats
+        out, stats, k_read, v_read = _kernels.attention_forward(q, k, v, windows, q_order, k_order, causal,
+                                                                softmax_scale)
+    else:
+        k_read, v_read = _reordered(k, k_order), _reordered(v, k_order)
+        out, row_max, lse = attention_with_stats_reference(_reordered(q, q_order), k_read, v_read,
+                                                           _visible(q, windows, causal), softmax_scale)
+        seen = lse < float("inf")
+        stats = torch.stack([row_max * _LOG2E, torch.where(seen, (lse - row_max) * _LOG2E, 0.0)])
+        out = _restored(out, q_order).contiguous()
+    if windows is None:  # the backward reads k and v themselves
+        return out, stats, k.new_empty(0), v.new_empty(0)
+    return out, stats, k_read, v_read
 
 
 @torch.library.triton_op("fastllm::flash_attention_backward", mutates_args=())
@@ -121,25 +129,28 @@ def _backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
               stats: torch.Tensor, windows: torch.Tensor | None, q_order: torch.Tensor | None,
               k_order: torch.Tensor | None, causal: bool,
               softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv); with windows, k and v are the forward's k_frame and v_frame."""
     if triton_path(q):
         return _kernels.attention_backward(dout, q, k, v, out, stats, windows, q_order, k_order, causal,
                                            softmax_scale)
     lse = (stats[0] + stats[1]) / _LOG2E
     dq, dk, dv = attention_backward_reference(
-        _reordered(dout, q_order), _reordered(q, q_order), _reordered(k, k_order), _reordered(v, k_order),
-        _reordered(out, q_order), lse, _visible(q, windows, causal), softmax_scale)
+        _reordered(dout, q_order), _reordered(q, q_order), k, v, _reordered(out, q_order), lse,
+        _visible(q, windows, causal), softmax_scale)
     return _restored(dq, q_order), _restored(dk, k_order), _restored(dv, k_order)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, windows, q_order, k_order, causal, softmax_scale = inputs
-    out, stats = output
+    out, stats, k_frame, v_frame = output
+    if windows is not None:  # the frames replace k and v: the backward gathers them no second time
+        k, v = k_frame, v_frame
     ctx.save_for_backward(q, k, v, out, stats, windows, q_order, k_order)
     ctx.causal, ctx.softmax_scale = causal, softmax_scale
-    ctx.mark_non_differentiable(stats)
+    ctx.mark_non_differentiable(stats, k_frame, v_frame)
 
 
-def _backward_rule(ctx, dout, dstats):
+def _backward_rule(ctx, dout, dstats, dk_frame, dv_frame):
     q, k, v, out, stats, windows, q_order, k_order = ctx.saved_tensors
     dq, dk, dv = _backward(dout, q, k, v, out, stats, windows, q_order, k_order, ctx.causal, ctx.softmax_scale)
     return dq, dk, dv, None, None, None, None, None
