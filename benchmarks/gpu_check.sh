@@ -10,13 +10,14 @@
 #   TESTS="tests/ops/test_x.py"     # what the tests part runs (default: the GPU-relevant suites)
 #   BENCH_K="cuda and not compiled" # which op benchmarks run (pytest -k; default: cuda)
 #   ATTN_K="not flex"               # which attention benchmarks run (pytest -k; default: all)
+#   NCU="mamba:scan_forward_kernel"  # the ncu part's kernels, as profile_gpu.py part:kernel name
 #
 # Parts: build, tests (ops, layers and models whole, gpu-marked tests elsewhere), ops (AdEMAMix,
 # xIELU, selective scan, depth-weighted average, linear cross-entropy), attention (dense and sparse
 # flash attention), train (124M training step, Mamba vs Transformer generation), lm
 # (benchmarks/sparse_lm.py: sparse-attention LMs beside a dense one at T = 2048), smoke (the main job
 # on the GPU), profile (benchmarks/profile_gpu.py: top CUDA kernels of the training step and the
-# sparse attentions).
+# sparse attentions), ncu (Nsight Compute on single kernels: throughput, occupancy, stall reasons).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -28,6 +29,8 @@ ALL_TESTS="tests/ops tests/nn tests/models"
 TESTS=${TESTS:-$ALL_TESTS}
 BENCH_K=${BENCH_K:-cuda}
 ATTN_K=${ATTN_K:-}
+NCU=${NCU:-"mamba:scan_forward_kernel mamba:scan_backward_kernel mamba:_grad_preactivation_kernel
+  mamba:_input_and_weight_grad_kernel dwa:forward_kernel dwa:backward_kernel"}
 mkdir -p "$LOGS"
 status=0
 start=$(date +%s)
@@ -87,6 +90,20 @@ fi
 if has profile; then  # the top CUDA kernels of the workloads that miss their targets
   run_limited "$(limit 150)" "$PY" benchmarks/profile_gpu.py > "$LOGS/profile.log" 2>&1 || status=1
   grep -v "Warning\|warn" "$LOGS/profile.log" | tail -70
+fi
+
+if has ncu; then  # one launch of each kernel (the second: the first may include set-up), key figures only
+  for target in $NCU; do
+    part=${target%%:*} kernel=${target#*:}
+    # --clock-control none: ncu would otherwise lock the card's clocks, a setting we leave alone.
+    run_limited "$(limit 60)" ncu --clock-control none -k "regex:^${kernel}\$" --launch-skip 1 --launch-count 1 \
+      --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+      "$PY" benchmarks/profile_gpu.py "$part" > "$LOGS/ncu-$kernel.log" 2>&1 || status=1
+    echo "== ncu $kernel"
+    grep -E "^ +(Duration|DRAM Throughput|Memory Throughput|Compute \(SM\) Throughput|Registers Per Thread|\
+Achieved Occupancy|Theoretical Occupancy|Block Size|Grid Size) |stalled|cycles being" "$LOGS/ncu-$kernel.log" \
+      | cut -c1-200 | head -14
+  done
 fi
 
 if has smoke; then  # the main job on the GPU: bf16 autocast, MFU in the log

@@ -1,11 +1,14 @@
 """Where the GPU time goes: the top CUDA kernels of the workloads whose targets are not met yet.
 
-    python benchmarks/profile_gpu.py [train] [attention]
+    python benchmarks/profile_gpu.py [train] [attention] [mamba] [dwa]
 
 train: one 124M training step, fastllm against the plain-PyTorch baseline (bench_train.py's models
 and step). attention: QK-sparse (50% dropped) and hash-sparse (8 buckets) forward + backward at
-T = 16k, with their compaction, sorting and window set-up. Each prints the kernels that take the most
-CUDA time over a few profiled repetitions, after warm-up.
+T = 16k, with their compaction, sorting and window set-up. mamba: the selective scan and the causal
+conv1d forward + backward at the shapes of bench_selective_scan.py. dwa: the depth-weighted average
+forward + backward at bench_depth_weighted_average.py's shape. Each prints the kernels that take the
+most CUDA time over a few profiled repetitions, after warm-up; under Nsight Compute (the GPU check's
+ncu part) the same launches are what it measures.
 """
 
 from __future__ import annotations
@@ -71,7 +74,34 @@ def profile_attention() -> None:
         top_kernels(title, lambda: torch.autograd.grad(attend(), (q, k, v), dout))
 
 
+def profile_mamba() -> None:
+    from bench_selective_scan import GPU_SHAPE, scan_inputs
+
+    from fastllm.ops import causal_conv1d, selective_scan
+
+    leaves = {k: v.detach().requires_grad_() for k, v in scan_inputs(*GPU_SHAPE, torch.bfloat16, "cuda").items()}
+    top_kernels("selective scan fwd+bwd, bf16 b8 d2048 L2048 N16",
+                lambda: selective_scan(**leaves, delta_softplus=True).backward(torch.ones_like(leaves["u"])))
+    batch, dim, length = 8, 2048, 2048  # a Mamba block's channel-contiguous x, as in the conv benchmark
+    x = torch.randn(batch, length, 2 * dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)[:, :dim]
+    x.requires_grad_()
+    w, b = (torch.randn(s, device="cuda", dtype=torch.bfloat16, requires_grad=True) for s in ((dim, 4), (dim,)))
+    dout = torch.randn(batch, dim, length, device="cuda", dtype=torch.bfloat16)
+    top_kernels("causal conv1d fwd+bwd, bf16 b8 d2048 L2048 w4 silu",
+                lambda: torch.autograd.grad(causal_conv1d(x, w, b, "silu"), (x, w, b), dout))
+
+
+def profile_dwa() -> None:
+    from fastllm.ops import depth_weighted_average
+
+    states = torch.randn(25, 8, 2048, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weights = torch.randn(25, device="cuda", requires_grad=True)
+    dout = torch.randn(8, 2048, 1024, device="cuda", dtype=torch.bfloat16)
+    top_kernels("depth-weighted average fwd+bwd, bf16 K=25 B=8 T=2048 D=1024",
+                lambda: torch.autograd.grad(depth_weighted_average(states, weights), (states, weights), dout))
+
+
 if __name__ == "__main__":
     parts = sys.argv[1:] or ["train", "attention"]
     for part in parts:
-        {"train": profile_train, "attention": profile_attention}[part]()
+        {"train": profile_train, "attention": profile_attention, "mamba": profile_mamba, "dwa": profile_dwa}[part]()
