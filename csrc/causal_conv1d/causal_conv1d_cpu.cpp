@@ -15,8 +15,8 @@
 namespace fastllm {
 namespace {
 
-constexpr int64_t kChannels = 32;  // 64 bytes of a bf16 channel-contiguous x per position
-constexpr int64_t kChunk = 256;
+constexpr int64_t kChannels = 16;  // 32 bytes of a bf16 channel-contiguous x per position
+constexpr int64_t kChunk = 128;  // with kChannels, the backward's tiles of x and dout fit a 32 KiB L1
 
 // e^x with Cody-Waite reduction and a degree-7 Taylor polynomial on |r| <= ln2 / 2 (truncation under
 // 1e-8 relative): unlike std::exp it vectorises, which the silu loops need to keep up with memory.

@@ -103,7 +103,7 @@ def test_layouts_and_dtypes(poisoned, case):
     ((1, 6, 11), 1, "contiguous"), ((2, 4, 9), 5, "channels_last"), ((2, 70, 600), 4, "channels_last"),
     ((3, 33, 257), 3, "contiguous"), ((2, 7, 13), 4, "no_bias"), ((2, 7, 300), 4, "float32_weights")])
 def test_cpp_kernels_match_reference(cpp_path, shape, width, case, activation, dtype):
-    """Several tiles of channels and positions (32 x 256) included, so halos cross tile edges."""
+    """Several tiles of channels and positions (16 x 128) included, so halos cross tile edges."""
     _check(shape, width, dtype, activation, with_bias=case != "no_bias", channels_last=case == "channels_last",
            weight_dtype=torch.float32 if case == "float32_weights" else None, device="cpu", path="cpp")
 
