@@ -69,6 +69,13 @@ inline float __shfl_xor_sync(unsigned /*mask*/, float value, int lane_mask) {
   return other;
 }
 
+inline void __syncwarp() { cuda_emulator::current_block->warps[threadIdx.x / 32]->barrier.arrive_and_wait(); }
+
+template <typename T>
+inline T __ldg(const T* p) {
+  return *p;
+}
+
 inline float fast_exp2(float x) { return std::exp2(x); }
 
 namespace cuda_emulator {

@@ -260,3 +260,64 @@ def test_full_buffer_is_not_sliced():
     assert full.grad_fn.next_functions[0][0].variable is states
     partial = depth_weighted_average(states, torch.randn(3))
     assert "Slice" in type(partial.grad_fn.next_functions[0][0]).__name__
+
+
+# ---- the CUDA kernels on the CPU (tests/cuda_emulator): vector and scalar paths, grid-stride loops ----
+
+class _EmulatedKernels:
+    """The emulator's entry points, called like the module's depth_weighted_average_*_cuda."""
+
+    def __init__(self, lib):
+        import ctypes
+        self.lib = lib
+        p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        lib.emulated_dwa_workspace.restype = i64
+        lib.emulated_dwa_workspace.argtypes = [i64, i64, i32]
+        lib.emulated_dwa_forward.argtypes = [p, p, p, i64, i64, i32, i32]
+        lib.emulated_dwa_backward.argtypes = [p, p, p, p, p, p, i64, i64, i32]
+
+    def forward(self, states, weights, multiprocessors):
+        out = poison_(states.new_empty(states.shape[1:]))
+        self.lib.emulated_dwa_forward(states.data_ptr(), weights.data_ptr(), out.data_ptr(), out.numel(),
+                                      weights.shape[0], _backend.DTYPE_CODES[states.dtype], multiprocessors)
+        return out
+
+    def backward(self, grad_out, states, weights):
+        numel, k, code = grad_out.numel(), weights.shape[0], _backend.DTYPE_CODES[states.dtype]
+        grad_states, grad_weights = poison_(torch.empty_like(states)), poison_(torch.empty_like(weights))
+        workspace = poison_(torch.empty(self.lib.emulated_dwa_workspace(numel, k, code)))
+        self.lib.emulated_dwa_backward(grad_out.data_ptr(), states.data_ptr(), weights.data_ptr(),
+                                       grad_states.data_ptr(), grad_weights.data_ptr(), workspace.data_ptr(), numel,
+                                       k, code)
+        return grad_states, grad_weights
+
+
+EMULATOR_CASES = [
+    (25, 9000, "vectorised"),  # 4 blocks of 256 threads on one multiprocessor: the forward loops over items
+    (5, 1001, "scalar"),  # numel not a multiple of the vector width
+    (3, 2048, "misaligned"),  # states 2 bytes past a 16-byte boundary
+    (1, 8, "vectorised"),
+    (2, 300_000, "vectorised"),  # over 128 backward blocks: the whole reduction tree in use
+]
+
+
+# More states than one backward launch's shared memory holds, in float32 only: its 1030 reduction
+# blocks take 30 s under the emulator.
+@pytest.mark.parametrize("dtype,k,numel,case", [(dtype, *case) for dtype in (torch.float32, *LOW_PRECISION)
+                                                for case in EMULATOR_CASES] + [(torch.float32, 1030, 24, "vectorised")])
+def test_cuda_kernels_under_emulator(cuda_emulator, k, numel, case, dtype):
+    kernels = _EmulatedKernels(cuda_emulator("depth_weighted_average.cpp"))
+    offset = 1 if case == "misaligned" else 0
+    storage = torch.randn(k * numel + offset).to(dtype)
+    states = storage[offset:].view(k, numel)
+    weights, grad_out = torch.randn(k), torch.randn(numel).to(dtype)
+
+    out = kernels.forward(states, weights, multiprocessors=1)
+    assert_error_ratio("out", out, depth_weighted_average_reference(states.double(), weights.double()),
+                       depth_weighted_average_reference(states, weights))
+    grad_states, grad_weights = kernels.backward(grad_out, states, weights)
+    oracle_gs, oracle_gw = depth_weighted_average_backward_reference(grad_out.double(), states.double(),
+                                                                     weights.double())
+    base_gs, base_gw = depth_weighted_average_backward_reference(grad_out, states, weights)
+    assert_error_ratio("grad states", grad_states, oracle_gs, base_gs, BACKWARD_FACTOR)
+    assert_error_ratio("grad weights", grad_weights, oracle_gw, base_gw, BACKWARD_FACTOR)
