@@ -59,15 +59,24 @@ def _preactivation(X, WEIGHT, BIAS, t, offs_d, d_valid, L, stride_xl, stride_xd,
 
 
 @triton.jit
-def _forward_kernel(X, WEIGHT, BIAS, OUT, L, D, stride_xb, stride_xd, stride_xl, stride_ob, stride_od, stride_ol,
-                    stride_wd, stride_wk, WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-                    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+def _tile_preactivation(X, WEIGHT, BIAS, L, D, stride_xb, stride_xd, stride_xl, stride_wd, stride_wk,
+                        WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's tile (positions, channels, batch row, valid channels) and a over it."""
     offs_l = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     b = tl.program_id(2).to(tl.int64)
     d_valid = offs_d < D
     a = _preactivation(X + b * stride_xb, WEIGHT, BIAS, offs_l, offs_d, d_valid, L, stride_xl, stride_xd,
                        stride_wd, stride_wk, WIDTH, HAS_BIAS)
+    return offs_l, offs_d, b, d_valid, a
+
+
+@triton.jit
+def _forward_kernel(X, WEIGHT, BIAS, OUT, L, D, stride_xb, stride_xd, stride_xl, stride_ob, stride_od, stride_ol,
+                    stride_wd, stride_wk, WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+                    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    offs_l, offs_d, b, d_valid, a = _tile_preactivation(X, WEIGHT, BIAS, L, D, stride_xb, stride_xd, stride_xl,
+                                                        stride_wd, stride_wk, WIDTH, HAS_BIAS, BLOCK_L, BLOCK_D)
     if SILU:
         a = a * tl.sigmoid(a)
     mask = (offs_l < L)[:, None] & d_valid[None, :]
@@ -80,12 +89,8 @@ def _grad_preactivation_kernel(X, WEIGHT, BIAS, DOUT, DA, L, D, stride_xb, strid
                                stride_gl, stride_ab, stride_ad, stride_al, stride_wd, stride_wk, WIDTH: tl.constexpr,
                                HAS_BIAS: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
     """dA = dout * silu'(a), float32, at one tile of positions x channels."""
-    offs_l = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    b = tl.program_id(2).to(tl.int64)
-    d_valid = offs_d < D
-    a = _preactivation(X + b * stride_xb, WEIGHT, BIAS, offs_l, offs_d, d_valid, L, stride_xl, stride_xd,
-                       stride_wd, stride_wk, WIDTH, HAS_BIAS)
+    offs_l, offs_d, b, d_valid, a = _tile_preactivation(X, WEIGHT, BIAS, L, D, stride_xb, stride_xd, stride_xl,
+                                                        stride_wd, stride_wk, WIDTH, HAS_BIAS, BLOCK_L, BLOCK_D)
     s = tl.sigmoid(a)
     dout = _load_tile(DOUT + b * stride_gb, offs_l, offs_d, d_valid, L, stride_gl, stride_gd)
     grad = dout * s * (1.0 + a * (1.0 - s))
