@@ -82,13 +82,13 @@ void load_tile(const T* x, Strides3 s, int64_t d0, int64_t channels, int64_t sta
     std::fill(buf + c * ld, buf + c * ld + lo, 0.0f);
     std::fill(buf + c * ld + hi, buf + c * ld + count, 0.0f);
   }
-  const T* base = x + d0 * s.d + start * s.l;
+  const T* first = x + d0 * s.d + (start + lo) * s.l;  // position start + lo >= 0: inside x
   if (std::abs(s.l) <= std::abs(s.d)) {
     for (int64_t c = 0; c < channels; ++c)
-      for (int64_t j = lo; j < hi; ++j) buf[c * ld + j] = to_float(base[c * s.d + j * s.l]);
+      for (int64_t j = lo; j < hi; ++j) buf[c * ld + j] = to_float(first[c * s.d + (j - lo) * s.l]);
   } else {
     for (int64_t j = lo; j < hi; ++j)
-      for (int64_t c = 0; c < channels; ++c) buf[c * ld + j] = to_float(base[c * s.d + j * s.l]);
+      for (int64_t c = 0; c < channels; ++c) buf[c * ld + j] = to_float(first[c * s.d + (j - lo) * s.l]);
   }
 }
 
