@@ -21,6 +21,11 @@ needs_triton = pytest.mark.skipif(conv._kernels is None, reason="needs triton")
 needs_cpp = pytest.mark.skipif(not _backend.has_cpu_kernels(), reason="needs the compiled CPU kernels")
 
 
+def _skip_unless_cpp_takes_device_tensors():
+    if DEVICE != "cpu" or not _backend.has_cpu_kernels():
+        pytest.skip("the C++ kernels run on CPU tensors")
+
+
 @pytest.fixture(autouse=True)
 def triton_on_cpu(monkeypatch):
     """The Triton kernels on CPU tensors too (under the interpreter); the reference backend opts out."""
@@ -130,8 +135,7 @@ def test_cpp_gradients_do_not_depend_on_thread_count(cpp_path):
 @pytest.mark.parametrize("path", ["kernels", "cpp", "torch", "reference"])
 def test_empty_sequence(path, monkeypatch):
     if path == "cpp":
-        if DEVICE != "cpu" or not _backend.has_cpu_kernels():
-            pytest.skip("the C++ kernels run on CPU tensors")
+        _skip_unless_cpp_takes_device_tensors()
         monkeypatch.setattr(conv, "TRITON_ON_CPU", False)
     if path == "torch":
         monkeypatch.setattr(conv, "_path", lambda x: "torch")
@@ -149,8 +153,8 @@ def test_empty_sequence(path, monkeypatch):
 def test_paths_match_triton_path(path, monkeypatch):
     if conv._kernels is None:
         pytest.skip("needs triton")
-    if path == "cpp" and (DEVICE != "cpu" or not _backend.has_cpu_kernels()):
-        pytest.skip("the C++ kernels run on CPU tensors")
+    if path == "cpp":
+        _skip_unless_cpp_takes_device_tensors()
     x, weight, bias = (torch.randn(s, device=DEVICE) for s in ((2, 6, 21), (6, 4), (6,)))
     dout = torch.randn(2, 6, 21, device=DEVICE)
 
