@@ -34,7 +34,7 @@ void selective_scan_bwd_cuda(const ScanArgs& args, const ScanBackwardArgs& grads
                              uintptr_t stream_handle) {
   set_device(device);
   auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
-  scan_cuda::with_backward_kernel(args, dtype, [&](auto kernel, dim3 grid, size_t bytes) {
+  scan_cuda::with_backward_kernel(args, grads, dtype, [&](auto kernel, dim3 grid, size_t bytes) {
     reserve_shared(kernel, bytes);
     kernel<<<grid, scan_cuda::kThreads, bytes, stream>>>(args, grads);
     check_cuda(cudaGetLastError(), "selective_scan backward launch");

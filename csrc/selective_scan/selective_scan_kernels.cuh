@@ -7,11 +7,12 @@
 // K and LANES are template parameters, so every index below is a compile-time shift or mask.
 //
 // L is walked in tiles. Each thread loads its share of the next tile's inputs into registers while
-// the block works on the current one: all of a tile's loads are in flight together, and their latency
-// overlaps the arithmetic instead of following it. At the top of a tile the loaded values go, with
-// delta' and the other per-position factors computed once, into shared memory, where the lanes read
-// them in position order. Sums over a channel's states (y, and the backward's per-position terms)
-// leave each lane as a share in shared memory, added up by the thread that writes the position.
+// the block works on the current one (in vectors of up to 16 bytes where L and the inputs' alignment
+// allow): all of a tile's loads are in flight together, and their latency overlaps the arithmetic
+// instead of following it. At the top of a tile the loaded values go, with delta' and the other
+// per-position factors computed once, into shared memory, where the lanes read them in position order.
+// Sums over a channel's states (y, and the backward's per-position terms) leave each lane as a share
+// in shared memory, added up by the thread that writes the position.
 //
 // The forward saves the state at the end of every chunk of kCudaScanChunk positions. The backward
 // walks the chunks in reverse: pass 1 recomputes, from the saved state, the state entering each tile
@@ -37,17 +38,11 @@ __device__ __forceinline__ float* dynamic_shared_floats() {
   extern __shared__ float4 dynamic_shared[];
   return reinterpret_cast<float*>(dynamic_shared);
 }
-
-// 2^x on the special-function unit; results below 2^-126 flush to 0.
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
 #endif
 
 FASTLLM_HD int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 constexpr int min_int(int a, int b) { return a < b ? a : b; }
+constexpr int max_int(int a, int b) { return a > b ? a : b; }
 
 // States per lane: 4 up to N = 128 (so LANES <= 32), 8 above.
 FASTLLM_HD int states_per_lane(int64_t nstate) { return nstate <= 32 * 4 ? 4 : 8; }
@@ -73,16 +68,41 @@ struct Layout {
   FASTLLM_HD static int64_t blocks_per_group(int64_t per_group) { return (per_group + kChannels - 1) / kChannels; }
 };
 
-// One thread's share of a kRows x kTile tile (rows: channels or states, along L in memory): element
-// threadIdx.x + r kThreads is (row, position) = (that / kTile, that % kTile), so consecutive threads
-// take consecutive positions of a row, and a thread's position is the same for every r.
-template <int kRows, int kTile>
+// One thread's share of a kRows x kTile tile (rows: channels or states, along L in memory), in vectors of
+// kWidth consecutive positions: vector threadIdx.x + r kThreads is (row, first position) =
+// (that / vectors per row, that % vectors per row * kWidth), so consecutive threads take consecutive
+// vectors of a row, and a thread's positions are the same for every r.
+template <int kRows, int kTile, int kVectorWidth = 1>
 struct TileShare {
-  static_assert(kThreads % kTile == 0, "a tile row never straddles a thread's elements");
-  static constexpr int kPerThread = (kRows * kTile + kThreads - 1) / kThreads;
-  __device__ static int position() { return threadIdx.x % kTile; }
-  __device__ static int row(int r) { return threadIdx.x / kTile + r * (kThreads / kTile); }
+  static constexpr int kWidth = kVectorWidth, kVectorsPerRow = kTile / kWidth;
+  static_assert(kTile % kWidth == 0 && kThreads % kVectorsPerRow == 0,
+                "a tile row never straddles a thread's vectors");
+  static constexpr int kPerThread = (kRows * kVectorsPerRow + kThreads - 1) / kThreads;
+  __device__ static int position() { return threadIdx.x % kVectorsPerRow * kWidth; }
+  __device__ static int row(int r) { return threadIdx.x / kVectorsPerRow + r * (kThreads / kVectorsPerRow); }
 };
+
+// Positions per global load of a kRows x kTile tile of T: one access of up to 16 bytes per thread when
+// kVectorized (the launcher checks that L and every row's address allow it), at most the tile's width,
+// and no wider than needed for every thread to hold one (the staging math is spread over all threads).
+template <typename T, int kRows, int kTile, bool kVectorized>
+constexpr int load_width() {
+  return kVectorized ? min_int(min_int(16 / int(sizeof(T)), kTile), max_int(1, kRows * kTile / kThreads)) : 1;
+}
+
+template <typename T, int kWidth>
+struct alignas(kWidth * sizeof(T)) Vector {
+  T v[kWidth];
+};
+
+// kWidth consecutive elements p[at ..] as floats (0 where !in); p + at is kWidth-element aligned.
+template <int kWidth, typename T>
+__device__ __forceinline__ void load_floats(const T* p, int64_t at, bool in, float (&out)[kWidth]) {
+  Vector<T, kWidth> x{};
+  if (in) x = *reinterpret_cast<const Vector<T, kWidth>*>(p + at);
+#pragma unroll
+  for (int j = 0; j < kWidth; ++j) out[j] = load_float(x.v, j);  // zero bits are 0 in every type
+}
 
 // The channels of block `block` of batch row `batch` (blocks never cross a group).
 struct BlockChannels {
@@ -155,35 +175,38 @@ struct DecayRates {
 
 // The inputs of one tile in registers, from their loads to their staging. Elements outside the tile
 // (missing channels, positions past L, states past N) load as 0.
-template <typename T, typename Lay, int kTile>
+template <typename T, typename Lay, int kTile, bool kVectorized>
 struct TileInputs {
-  using Rows = TileShare<Lay::kChannels, kTile>;  // per channel: delta, u, z, dL/dout
-  using States = TileShare<Lay::kPadded, kTile>;  // per state: B, C
-  float delta[Rows::kPerThread], u[Rows::kPerThread], z[Rows::kPerThread], dout[Rows::kPerThread];
-  float b[States::kPerThread], c[States::kPerThread];
+  // per channel: delta, u, z, dL/dout; per state: B, C
+  using Rows = TileShare<Lay::kChannels, kTile, load_width<T, Lay::kChannels, kTile, kVectorized>()>;
+  using States = TileShare<Lay::kPadded, kTile, load_width<T, Lay::kPadded, kTile, kVectorized>()>;
+  static constexpr int kRowWidth = Rows::kWidth, kStateWidth = States::kWidth;
+  float delta[Rows::kPerThread][kRowWidth], u[Rows::kPerThread][kRowWidth], z[Rows::kPerThread][kRowWidth];
+  float dout[Rows::kPerThread][kRowWidth];
+  float b[States::kPerThread][kStateWidth], c[States::kPerThread][kStateWidth];
 
   // Loads delta, u and B; C and z too for `outputs` (the forward, the backward's pass 2), and dL/dout
-  // where dout_rows is given.
+  // where dout_rows is given. A vector lies wholly before L or wholly past it (L % width == 0).
   __device__ void load(const ScanArgs& a, const void* dout_rows, const BlockChannels& blk, int64_t t0, bool outputs) {
-    const int pos = Rows::position();
-    const bool in_time = t0 + pos < a.length;
+    const bool rows_in_time = t0 + Rows::position() < a.length;
 #pragma unroll
     for (int r = 0; r < Rows::kPerThread; ++r) {
       const int row = Rows::row(r);
-      const bool in = in_time && row < blk.count;
-      const int64_t at = blk.first_row + row * a.length + t0 + pos;
-      delta[r] = in ? load_float(static_cast<const T*>(a.delta), at) : 0.0f;
-      u[r] = in ? load_float(static_cast<const T*>(a.u), at) : 0.0f;
-      z[r] = in && outputs && a.z ? load_float(static_cast<const T*>(a.z), at) : 0.0f;
-      dout[r] = in && dout_rows ? load_float(static_cast<const T*>(dout_rows), at) : 0.0f;
+      const bool in = rows_in_time && row < blk.count;
+      const int64_t at = blk.first_row + row * a.length + t0 + Rows::position();
+      load_floats(static_cast<const T*>(a.delta), at, in, delta[r]);
+      load_floats(static_cast<const T*>(a.u), at, in, u[r]);
+      load_floats(static_cast<const T*>(a.z), at, in && outputs && a.z, z[r]);
+      load_floats(static_cast<const T*>(dout_rows), at, in && dout_rows, dout[r]);
     }
+    const bool states_in_time = t0 + States::position() < a.length;
 #pragma unroll
     for (int r = 0; r < States::kPerThread; ++r) {
       const int n = States::row(r);
-      const bool in = in_time && n < a.nstate;
-      const int64_t at = blk.bc_base + n * a.length + t0 + pos;
-      b[r] = in ? load_float(static_cast<const T*>(a.B), at) : 0.0f;
-      c[r] = in && outputs ? load_float(static_cast<const T*>(a.C), at) : 0.0f;
+      const bool in = states_in_time && n < a.nstate;
+      const int64_t at = blk.bc_base + n * a.length + t0 + States::position();
+      load_floats(static_cast<const T*>(a.B), at, in, b[r]);
+      load_floats(static_cast<const T*>(a.C), at, in && outputs, c[r]);
     }
   }
 
@@ -195,8 +218,11 @@ struct TileInputs {
     for (int r = 0; r < States::kPerThread; ++r) {
       const int n = States::row(r);
       if (n >= Lay::kPadded) continue;
-      sb[pos * kBcPitch + n] = b[r];
-      if (sc) sc[pos * kBcPitch + n] = c[r];
+#pragma unroll
+      for (int j = 0; j < kStateWidth; ++j) {
+        sb[(pos + j) * kBcPitch + n] = b[r][j];
+        if (sc) sc[(pos + j) * kBcPitch + n] = c[r][j];
+      }
     }
   }
 };
@@ -236,12 +262,14 @@ __device__ __forceinline__ void stage_channel_constants(const ScanArgs& a, const
   }
 }
 
-template <typename T, typename Lay>
+template <typename T, typename Lay, bool kVectorized>
 __global__ void __launch_bounds__(kThreads, 4) scan_forward_kernel(const ScanArgs a, const ScanForwardOut o) {
   constexpr int K = Lay::kStates, kTile = Lay::kForwardTile;
   using Shared = ForwardShared<Lay>;
-  using Inputs = TileInputs<T, Lay, kTile>;
+  using Inputs = TileInputs<T, Lay, kTile, kVectorized>;
   using Rows = typename Inputs::Rows;
+  // The output goes one element per thread and row, so a channel's lane shares are read conflict-free.
+  using Outputs = TileShare<Lay::kChannels, kTile>;
   constexpr int kPitch = Shared::kPitch, kPartPitch = Shared::kPartPitch;
   const BlockChannels blk(a, Lay{}, blockIdx.x, blockIdx.y);
   const LaneStates<Lay> lane(blk);
@@ -257,7 +285,6 @@ __global__ void __launch_bounds__(kThreads, 4) scan_forward_kernel(const ScanArg
 
   Inputs next;
   next.load(a, nullptr, blk, 0, true);
-  const int pos = Rows::position();
   for (int64_t t0 = 0; t0 < L; t0 += kTile) {
     __syncthreads();  // the previous tile's values are consumed
     // Stage: positions outside the tile get delta' = 0, u = 0, B = 0: a no-op step, so the loop below
@@ -266,11 +293,15 @@ __global__ void __launch_bounds__(kThreads, 4) scan_forward_kernel(const ScanArg
     for (int r = 0; r < Rows::kPerThread; ++r) {
       const int row = Rows::row(r);
       if (row >= Lay::kChannels) continue;
-      const bool in = t0 + pos < L && row < blk.count;
-      const int slot = row * kPitch + pos;
-      sm.delta[slot] = in ? ss_delta(next.delta[r], sm.bias[row], a.softplus) : 0.0f;
-      sm.u[slot] = next.u[r];
-      sm.gate[slot] = a.z ? ss_silu(next.z[r]) : 1.0f;
+      const bool in = t0 + Rows::position() < L && row < blk.count;
+      const float bias = sm.bias[row];  // read once: the stores below might alias it, for all the compiler knows
+#pragma unroll
+      for (int j = 0; j < Inputs::kRowWidth; ++j) {
+        const int slot = row * kPitch + Rows::position() + j;
+        sm.delta[slot] = in ? ss_delta(next.delta[r][j], bias, a.softplus) : 0.0f;
+        sm.u[slot] = next.u[r][j];
+        sm.gate[slot] = a.z ? ss_silu(next.z[r][j]) : 1.0f;
+      }
     }
     next.template stage_bc<Shared::kBcPitch>(sm.b, sm.c);
     __syncthreads();
@@ -298,10 +329,11 @@ __global__ void __launch_bounds__(kThreads, 4) scan_forward_kernel(const ScanArg
         if (lane.owns(k, N)) saved[lane.state(k)] = h[k];
     }
     __syncthreads();
+    const int pos = Outputs::position();
     if (t0 + pos >= L) continue;
 #pragma unroll
-    for (int r = 0; r < Rows::kPerThread; ++r) {
-      const int row = Rows::row(r);
+    for (int r = 0; r < Outputs::kPerThread; ++r) {
+      const int row = Outputs::row(r);
       if (row >= blk.count) continue;
       float y = 0.0f;
 #pragma unroll
@@ -404,12 +436,13 @@ __device__ void sum_over_channels(const BackwardShared<Lay>& sm, int64_t nstate,
 }
 
 // 4 blocks per SM: at most 128 registers, as many blocks as the shared memory (54 KiB at N = 16) allows.
-template <typename T, typename Lay>
+template <typename T, typename Lay, bool kVectorized>
 __global__ void __launch_bounds__(kThreads, 4) scan_backward_kernel(const ScanArgs a, const ScanBackwardArgs gr) {
   constexpr int K = Lay::kStates, kTile = Lay::kBackwardTile;
   using Shared = BackwardShared<Lay>;
-  using Inputs = TileInputs<T, Lay, kTile>;
+  using Inputs = TileInputs<T, Lay, kTile, kVectorized>;
   using Rows = typename Inputs::Rows;
+  using Outputs = TileShare<Lay::kChannels, kTile>;  // one element per thread and row, as in the forward
   using Step = BackwardStep<kTile>;
   constexpr int kPitch = Shared::kPitch, kPartPitch = Shared::kPartPitch;
   const BlockChannels blk(a, Lay{}, blockIdx.x, blockIdx.y);
@@ -442,7 +475,6 @@ __global__ void __launch_bounds__(kThreads, 4) scan_backward_kernel(const ScanAr
     }
   };
 
-  const int pos = Rows::position();
   Step step = Step::first(L);
   Inputs next;
   float next_entry[K];
@@ -463,16 +495,20 @@ __global__ void __launch_bounds__(kThreads, 4) scan_backward_kernel(const ScanAr
     for (int r = 0; r < Rows::kPerThread; ++r) {
       const int row = Rows::row(r);
       if (row >= Lay::kChannels) continue;
-      const bool in = pos < len && row < blk.count;
-      const int slot = row * kPitch + pos;
-      const float raw = next.delta[r], bias = sm.bias[row];
-      sm.delta[slot] = in ? ss_delta(raw, bias, a.softplus) : 0.0f;
-      sm.u[slot] = next.u[r];
-      if (!now.reverse) continue;
-      // ss_output_grad split in two: dz = dz_factor (y + D u) once y is known.
-      sm.dy[slot] = a.z ? next.dout[r] * ss_silu(next.z[r]) : next.dout[r];
-      sm.dz_factor[slot] = a.z ? next.dout[r] * ss_silu_grad(next.z[r]) : 0.0f;
-      sm.dsoftplus[slot] = in ? ss_delta_grad(raw, bias, a.softplus) : 0.0f;
+      const bool in = Rows::position() < len && row < blk.count;
+      const float bias = sm.bias[row];  // read once, as in the forward
+#pragma unroll
+      for (int j = 0; j < Inputs::kRowWidth; ++j) {
+        const int slot = row * kPitch + Rows::position() + j;
+        const float raw = next.delta[r][j], dout = next.dout[r][j], z = next.z[r][j];
+        sm.delta[slot] = in ? ss_delta(raw, bias, a.softplus) : 0.0f;
+        sm.u[slot] = next.u[r][j];
+        if (!now.reverse) continue;
+        // ss_output_grad split in two: dz = dz_factor (y + D u) once y is known.
+        sm.dy[slot] = a.z ? dout * ss_silu(z) : dout;
+        sm.dz_factor[slot] = a.z ? dout * ss_silu_grad(z) : 0.0f;
+        sm.dsoftplus[slot] = in ? ss_delta_grad(raw, bias, a.softplus) : 0.0f;
+      }
     }
     next.template stage_bc<Shared::kBcPitch>(sm.b, now.reverse ? sm.c : nullptr);
     __syncthreads();
@@ -542,11 +578,12 @@ __global__ void __launch_bounds__(kThreads, 4) scan_backward_kernel(const ScanAr
     }
     __syncthreads();
     sum_over_channels<Lay>(sm, N, L, len, gr.dB + partial_base + t0);
+    const int pos = Outputs::position();
     if (pos >= len) continue;
     // Per (channel, position), always by the same thread: the running sums need no atomics.
 #pragma unroll
-    for (int r = 0; r < Rows::kPerThread; ++r) {
-      const int row = Rows::row(r);
+    for (int r = 0; r < Outputs::kPerThread; ++r) {
+      const int row = Outputs::row(r);
       if (row >= blk.count) continue;
       float grad_bu = 0.0f, grad_delta_a = 0.0f, y = 0.0f;
 #pragma unroll
@@ -611,12 +648,29 @@ dim3 grid_of(const ScanArgs& a) {
   return dim3{static_cast<unsigned>(blocks), static_cast<unsigned>(a.batch), 1};
 }
 
-// Calls pick(element, layout) with a value of the element type for the dtype code and the layout for
-// N; nothing when there is no channel (a grid may not be empty).
+// Whether the kernels may load whole vectors (up to 16 bytes) of the (batch, dim, L) and
+// (batch, groups, N, L) inputs: L a multiple of the widest vector and every input 16-byte aligned, so
+// every row of every tile starts aligned.
+inline bool vectorizable(const ScanArgs& a, const void* dout, int dtype) {
+  const int64_t widest = static_cast<DType>(dtype) == DType::Float32 ? 4 : 8;
+  auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  return a.length % widest == 0 && aligned(a.u) && aligned(a.delta) && aligned(a.B) && aligned(a.C) &&
+         aligned(a.z) && aligned(dout);  // null (no z, the forward's dout) counts as aligned
+}
+
+// Calls pick(element, layout, vectorized) with a value of the element type for the dtype code, the
+// layout for N and std::bool_constant<vectorizable>; nothing when there is no channel (a grid may not
+// be empty).
 template <typename Pick>
-void with_instantiation(const ScanArgs& a, int dtype, Pick&& pick) {
+void with_instantiation(const ScanArgs& a, const void* dout, int dtype, Pick&& pick) {
   if (a.batch == 0 || a.dim == 0) return;
-  auto by_layout = [&](auto element) { with_layout(a.nstate, [&](auto lay) { pick(element, lay); }); };
+  const bool vectorized = vectorizable(a, dout, dtype);
+  auto by_layout = [&](auto element) {
+    with_layout(a.nstate, [&](auto lay) {
+      if (vectorized) pick(element, lay, std::true_type{});
+      else pick(element, lay, std::false_type{});
+    });
+  };
   switch (static_cast<DType>(dtype)) {
     case DType::Float32: return by_layout(float{});
     case DType::BFloat16: return by_layout(bfloat16{});
@@ -625,21 +679,22 @@ void with_instantiation(const ScanArgs& a, int dtype, Pick&& pick) {
   unsupported_dtypes("selective_scan", dtype, dtype);
 }
 
-// Calls launch(kernel, grid, shared bytes) with the forward kernel for the dtype code and N.
+// Calls launch(kernel, grid, shared bytes) with the forward kernel for the inputs.
 template <typename Launch>
 void with_forward_kernel(const ScanArgs& a, int dtype, Launch&& launch) {
-  with_instantiation(a, dtype, [&](auto element, auto lay) {
+  with_instantiation(a, nullptr, dtype, [&](auto element, auto lay, auto vectorized) {
     using Lay = decltype(lay);
-    launch(scan_forward_kernel<decltype(element), Lay>, grid_of<Lay>(a), sizeof(float) * ForwardShared<Lay>::floats());
+    launch(scan_forward_kernel<decltype(element), Lay, vectorized()>, grid_of<Lay>(a),
+           sizeof(float) * ForwardShared<Lay>::floats());
   });
 }
 
-// The same for the backward kernel.
+// The same for the backward kernel, which also loads dL/dout.
 template <typename Launch>
-void with_backward_kernel(const ScanArgs& a, int dtype, Launch&& launch) {
-  with_instantiation(a, dtype, [&](auto element, auto lay) {
+void with_backward_kernel(const ScanArgs& a, const ScanBackwardArgs& grads, int dtype, Launch&& launch) {
+  with_instantiation(a, grads.dout, dtype, [&](auto element, auto lay, auto vectorized) {
     using Lay = decltype(lay);
-    launch(scan_backward_kernel<decltype(element), Lay>, grid_of<Lay>(a),
+    launch(scan_backward_kernel<decltype(element), Lay, vectorized()>, grid_of<Lay>(a),
            sizeof(float) * BackwardShared<Lay>::floats());
   });
 }

@@ -66,7 +66,7 @@ void emulated_scan_backward(const int64_t* sizes, const uintptr_t* inputs, bool 
   const size_t partials = args.batch * args.groups *
                           fastllm::scan_cuda::tiles_per_group(args.dim / args.groups, args.nstate) * args.nstate;
   for (float* x : {g.dB, g.dC}) poison(x, partials * args.length * sizeof(float));
-  fastllm::scan_cuda::with_backward_kernel(args, dtype, [&](auto kernel, dim3 grid, size_t bytes) {
+  fastllm::scan_cuda::with_backward_kernel(args, g, dtype, [&](auto kernel, dim3 grid, size_t bytes) {
     cuda_emulator::launch(grid, dim3{fastllm::scan_cuda::kThreads}, bytes, kernel, args, g);
   });
 }

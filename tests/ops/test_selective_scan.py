@@ -238,6 +238,13 @@ def test_cuda_long_sequence_bf16():
     _check(dict(batch=2, dim=37, length=3 * SCAN_CHUNK + 5, nstate=16, groups=1), torch.bfloat16, device="cuda")
 
 
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_vector_loads(dtype):
+    """L a multiple of 8: the kernels load 16-byte vectors (the emulator cases check the tiling)."""
+    _check(dict(batch=2, dim=37, length=200, nstate=16), dtype, device="cuda")
+
+
 # ---- the CUDA kernels on the CPU (tests/cuda_emulator): their tiling, chunks and reductions ----------
 
 EMULATED_CASES = [
@@ -251,7 +258,17 @@ EMULATED_CASES = [
     dict(batch=1, dim=10, length=13, nstate=64, groups=2),
     dict(batch=1, dim=5, length=9, nstate=100, z=False),
     dict(batch=0, dim=4, length=9, nstate=16),  # no launch
+    # L a multiple of 8: vector loads of up to 16 bytes (fp32 and bf16), a partial last tile
+    dict(batch=2, dim=5, length=136, nstate=16),
+    dict(batch=1, dim=130, length=24, nstate=3, groups=2, initial=False),  # one lane per channel
+    dict(batch=1, dim=2, length=40, nstate=130, D=False),  # 4-position forward tiles
+    dict(batch=1, dim=5, length=48, nstate=16, misaligned=True),  # inputs off 16 bytes: scalar loads
 ]
+
+
+def _misaligned(x):
+    """x's values in a contiguous tensor one element past an aligned address."""
+    return torch.empty(x.numel() + 1, dtype=x.dtype)[1:].view_as(x).copy_(x)
 
 
 class _Emulated:
@@ -284,9 +301,13 @@ class _Emulated:
 def test_cuda_kernels_under_emulator(cuda_emulator, case, dtype):
     emulated = _Emulated(cuda_emulator("selective_scan.cpp"))
     assert emulated.lib.emulated_scan_chunk() == SCAN_CHUNK_CUDA
+    case = dict(case)
+    misaligned = case.pop("misaligned", False)
     inputs, softplus = make_inputs(**case, dtype=dtype)
     if inputs["B"].dim() == 3:
         inputs["B"], inputs["C"] = inputs["B"].unsqueeze(1), inputs["C"].unsqueeze(1)
+    if misaligned:
+        inputs.update({k: _misaligned(inputs[k]) for k in ("u", "delta", "B", "C", "z")})
     args = [inputs[k] for k in NAMES]
     args64 = [None if x is None else x.double() for x in args]
 
