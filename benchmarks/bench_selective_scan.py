@@ -83,6 +83,20 @@ def test_cpu_scan(timer, impl, mode):
 
 
 GPU_SHAPE = (8, 2048, 2048, 16)
+# "fastllm_scalar_loads" runs the op on the same values stored one element past a 16-byte boundary,
+# where the CUDA kernels fall back from vector to scalar loads: the vector loads' gain, in one run.
+GPU_IMPLEMENTATIONS = {**IMPLEMENTATIONS, "fastllm_scalar_loads": selective_scan}
+
+
+def gpu_scan_inputs(impl):
+    x = scan_inputs(*GPU_SHAPE, torch.bfloat16, "cuda")
+    if impl == "fastllm_scalar_loads":
+        x.update({k: _off_alignment(x[k]) for k in ("u", "delta", "B", "C", "z")})
+    return x
+
+
+def _off_alignment(t):
+    return torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)[1:].view_as(t).copy_(t)
 
 
 def _floor_ms(bytes_moved: float) -> float | None:
@@ -92,24 +106,24 @@ def _floor_ms(bytes_moved: float) -> float | None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("impl", ["fastllm", "parallel_scan_pytorch", "sequential_reference"])
+@pytest.mark.parametrize("impl", ["fastllm", "fastllm_scalar_loads", "parallel_scan_pytorch", "sequential_reference"])
 def test_cuda_scan_forward(timer, benchmark, impl):
-    x = scan_inputs(*GPU_SHAPE, torch.bfloat16, "cuda")
+    x = gpu_scan_inputs(impl)
     bytes_moved = scan_bytes(*GPU_SHAPE, torch.bfloat16, "cuda")
-    rounds = 20 if impl == "fastllm" else 3
-    timer(_forward(IMPLEMENTATIONS[impl], x), group="selective_scan cuda forward bf16 b8 d2048 L2048 N16",
+    rounds = 20 if impl.startswith("fastllm") else 3
+    timer(_forward(GPU_IMPLEMENTATIONS[impl], x), group="selective_scan cuda forward bf16 b8 d2048 L2048 N16",
           name=impl, device="cuda", bytes_moved=bytes_moved, rounds=rounds, warmup=1)
     benchmark.extra_info["bandwidth_floor_ms"] = _floor_ms(bytes_moved)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("impl", ["fastllm", "parallel_scan_pytorch"])
+@pytest.mark.parametrize("impl", ["fastllm", "fastllm_scalar_loads", "parallel_scan_pytorch"])
 def test_cuda_scan_backward(timer, benchmark, impl):
     """The backward alone: the forward runs once, outside the timed region."""
-    x = scan_inputs(*GPU_SHAPE, torch.bfloat16, "cuda")
+    x = gpu_scan_inputs(impl)
     leaves = {k: v.detach().requires_grad_() for k, v in x.items()}
     try:  # the parallel scan's autograd keeps every doubling step: tens of GB at this shape
-        out = IMPLEMENTATIONS[impl](**leaves, delta_softplus=True)
+        out = GPU_IMPLEMENTATIONS[impl](**leaves, delta_softplus=True)
     except torch.OutOfMemoryError:
         pytest.skip(f"{impl} backward does not fit in GPU memory at this shape")
     dout = torch.randn_like(out)
