@@ -20,6 +20,7 @@ from fastllm.ops.selective_scan import chunk_length, num_chunks, selective_scan
 from fastllm.ops.selective_scan_ref import selective_scan_parallel, selective_scan_reference
 from fastllm.ops.selective_state_update import selective_state_update
 from fastllm.ops.selective_state_update_ref import selective_state_update_reference
+from fastllm.testing import misaligned
 
 # Peak DRAM bandwidth (bytes/s) for the bandwidth floor, by device name.
 PEAK_BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12}
@@ -91,12 +92,8 @@ GPU_IMPLEMENTATIONS = {**IMPLEMENTATIONS, "fastllm_scalar_loads": selective_scan
 def gpu_scan_inputs(impl):
     x = scan_inputs(*GPU_SHAPE, torch.bfloat16, "cuda")
     if impl == "fastllm_scalar_loads":
-        x.update({k: _off_alignment(x[k]) for k in ("u", "delta", "B", "C", "z")})
+        x.update({k: misaligned(x[k]) for k in ("u", "delta", "B", "C", "z")})
     return x
-
-
-def _off_alignment(t):
-    return torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)[1:].view_as(t).copy_(t)
 
 
 def _floor_ms(bytes_moved: float) -> float | None:

@@ -29,6 +29,12 @@ def poison_(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.fill_(torch.iinfo(tensor.dtype).max)
 
 
+def misaligned(tensor: torch.Tensor) -> torch.Tensor:
+    """tensor's values in a contiguous tensor one element past an aligned address (where kernels that
+    load 16-byte vectors must take their scalar path)."""
+    return torch.empty(tensor.numel() + 1, dtype=tensor.dtype, device=tensor.device)[1:].view_as(tensor).copy_(tensor)
+
+
 def max_abs_error(value: torch.Tensor, reference: torch.Tensor) -> float:
     """Largest |value - reference| in fp64; inf when either has a NaN where the other has none."""
     if value.shape != reference.shape:

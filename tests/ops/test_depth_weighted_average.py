@@ -16,7 +16,7 @@ from fastllm.ops.depth_weighted_average_ref import (
     depth_weighted_average_backward_reference,
     depth_weighted_average_reference,
 )
-from fastllm.testing import BACKWARD_FACTOR, assert_error_ratio, poison_, requires_cuda
+from fastllm.testing import BACKWARD_FACTOR, assert_error_ratio, misaligned, poison_, requires_cuda
 
 # (rows in the buffer, K used, state shape): K = 1, odd sizes, a partly filled buffer, 0 elements.
 SHAPES = [
@@ -307,9 +307,9 @@ EMULATOR_CASES = [
                                                 for case in EMULATOR_CASES] + [(torch.float32, 1030, 24, "vectorised")])
 def test_cuda_kernels_under_emulator(cuda_emulator, k, numel, case, dtype):
     kernels = _EmulatedKernels(cuda_emulator("depth_weighted_average.cpp"))
-    offset = 1 if case == "misaligned" else 0
-    storage = torch.randn(k * numel + offset).to(dtype)
-    states = storage[offset:].view(k, numel)
+    states = torch.randn(k, numel).to(dtype)
+    if case == "misaligned":
+        states = misaligned(states)
     weights, grad_out = torch.randn(k), torch.randn(numel).to(dtype)
 
     out = kernels.forward(states, weights, multiprocessors=1)

@@ -8,7 +8,7 @@ from fastllm.ops.selective_scan import (SCAN_CHUNK, SCAN_CHUNK_CUDA, _kernel_bac
                                          _reference_backward, _reference_forward, selective_scan)
 from fastllm.ops.selective_scan_ref import (selective_scan_backward_reference, selective_scan_parallel,
                                              selective_scan_reference)
-from fastllm.testing import BACKWARD_FACTOR, assert_error_ratio, requires_cuda
+from fastllm.testing import BACKWARD_FACTOR, assert_error_ratio, misaligned, requires_cuda
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 
@@ -266,11 +266,6 @@ EMULATED_CASES = [
 ]
 
 
-def _misaligned(x):
-    """x's values in a contiguous tensor one element past an aligned address."""
-    return torch.empty(x.numel() + 1, dtype=x.dtype)[1:].view_as(x).copy_(x)
-
-
 class _Emulated:
     """The emulator's entry points, called like the module's selective_scan_{fwd,bwd}_cuda."""
 
@@ -302,12 +297,12 @@ def test_cuda_kernels_under_emulator(cuda_emulator, case, dtype):
     emulated = _Emulated(cuda_emulator("selective_scan.cpp"))
     assert emulated.lib.emulated_scan_chunk() == SCAN_CHUNK_CUDA
     case = dict(case)
-    misaligned = case.pop("misaligned", False)
+    off_alignment = case.pop("misaligned", False)
     inputs, softplus = make_inputs(**case, dtype=dtype)
     if inputs["B"].dim() == 3:
         inputs["B"], inputs["C"] = inputs["B"].unsqueeze(1), inputs["C"].unsqueeze(1)
-    if misaligned:
-        inputs.update({k: _misaligned(inputs[k]) for k in ("u", "delta", "B", "C", "z")})
+    if off_alignment:
+        inputs.update({k: misaligned(inputs[k]) for k in ("u", "delta", "B", "C", "z")})
     args = [inputs[k] for k in NAMES]
     args64 = [None if x is None else x.double() for x in args]
 
