@@ -32,6 +32,10 @@ IMPLEMENTATIONS = {
     "naive loop": _naive_loop,
     "reference (fp32 accumulation)": depth_weighted_average_reference,
 }
+# PyTorch kernels that move exactly the op's bytes, so their times are this card's practical floors for
+# the op, measured in the same run: a reduction over K (K states in, one out) for the forward, and for
+# the backward a broadcast product of the states with the output gradient (both in, K gradients out).
+SAME_BYTES = "torch kernels (same bytes)"
 
 CASES = {
     "cuda": dict(k=25, shape=(8, 2048, 1024), dtype=torch.bfloat16),
@@ -58,26 +62,31 @@ def _case(device):
 
 
 @pytest.mark.parametrize("device", ["cuda", "cpu"])
-@pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
+@pytest.mark.parametrize("impl", [*IMPLEMENTATIONS, SAME_BYTES])
 def test_forward(timer, device, impl):
     case, states, weights, _, label = _case(device)
-    fn = IMPLEMENTATIONS[impl]
+    fn = (lambda states, weights: states.sum(0)) if impl == SAME_BYTES else IMPLEMENTATIONS[impl]
     with torch.no_grad():
         timer(lambda: fn(states, weights), group=f"dwa forward {label}", name=impl, device=device,
               bytes_moved=_bytes(case["k"], case["shape"], case["dtype"], backward=False))
 
 
 @pytest.mark.parametrize("device", ["cuda", "cpu"])
-@pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
+@pytest.mark.parametrize("impl", [*IMPLEMENTATIONS, SAME_BYTES])
 def test_forward_backward(timer, device, impl):
     case, states, weights, grad_out, label = _case(device)
-    fn = IMPLEMENTATIONS[impl]
-    states.requires_grad_(True)
-    weights.requires_grad_(True)
+    if impl == SAME_BYTES:
+        def step():
+            states.sum(0)
+            torch.mul(states, grad_out)
+    else:
+        fn = IMPLEMENTATIONS[impl]
+        states.requires_grad_(True)
+        weights.requires_grad_(True)
 
-    def step():
-        states.grad = weights.grad = None
-        fn(states, weights).backward(grad_out)
+        def step():
+            states.grad = weights.grad = None
+            fn(states, weights).backward(grad_out)
 
     timer(step, group=f"dwa forward+backward {label}", name=impl, device=device,
           bytes_moved=_bytes(case["k"], case["shape"], case["dtype"], backward=True))
