@@ -173,6 +173,27 @@ struct DecayRates {
   __device__ float decay(int k, float delta) const { return fast_exp2(fmaf(delta, hi[k], delta * lo[k])); }
 };
 
+// What a lane reads from the staged tile at one position: delta', delta' u, its K values of B and, with
+// kC, of C, and with kDy the backward's dL/dy. The forward reads each position one step ahead of its
+// use: it stores its share of y at every position, and the compiler may not move a shared load above
+// a shared store, so reading in place waited out every position's loads. The backward reads in place:
+// it already holds a tile of states at the 128-register cap, and a second position made it spill.
+template <int K>
+struct Position {
+  float delta, delta_u, dy, b[K], c[K];
+};
+
+template <bool kC, bool kDy, int K, typename Shared>
+__device__ __forceinline__ Position<K> read_position(const Shared& sm, int channel_row, int lane_states, int t) {
+  Position<K> p;
+  p.delta = sm.delta[channel_row + t];
+  p.delta_u = p.delta * sm.u[channel_row + t];
+  if constexpr (kDy) p.dy = sm.dy[channel_row + t];
+  load_states<K>(sm.b + t * Shared::kBcPitch + lane_states, p.b);
+  if constexpr (kC) load_states<K>(sm.c + t * Shared::kBcPitch + lane_states, p.c);
+  return p;
+}
+
 // The inputs of one tile in registers, from their loads to their staging. Elements outside the tile
 // (missing channels, positions past L, states past N) load as 0.
 template <typename T, typename Lay, int kTile, bool kVectorized>
@@ -307,17 +328,17 @@ __global__ void __launch_bounds__(kThreads, 4) scan_forward_kernel(const ScanArg
     __syncthreads();
     if (t0 + kTile < L) next.load(a, nullptr, blk, t0 + kTile, true);
 
+    auto read = [&](int t) { return read_position<true, false, K>(sm, lane.channel * kPitch, lane.sub * K, t); };
+    Position<K> ahead = read(0);
 #pragma unroll
     for (int t = 0; t < kTile; ++t) {
-      const float delta = sm.delta[lane.channel * kPitch + t], delta_u = delta * sm.u[lane.channel * kPitch + t];
-      float bt[K], ct[K];
-      load_states<K>(sm.b + t * Shared::kBcPitch + lane.sub * K, bt);
-      load_states<K>(sm.c + t * Shared::kBcPitch + lane.sub * K, ct);
+      const Position<K> x = ahead;
+      if (t + 1 < kTile) ahead = read(t + 1);
       float y = 0.0f;
 #pragma unroll
       for (int k = 0; k < K; ++k) {
-        h[k] = fmaf(rates.decay(k, delta), h[k], delta_u * bt[k]);
-        y = fmaf(ct[k], h[k], y);
+        h[k] = fmaf(rates.decay(k, x.delta), h[k], x.delta_u * x.b[k]);
+        y = fmaf(x.c[k], h[k], y);
       }
       sm.y_part[t * kPartPitch + threadIdx.x] = y;
     }
@@ -519,11 +540,9 @@ __global__ void __launch_bounds__(kThreads, 4) scan_backward_kernel(const ScanAr
       if (now.tile == 0) load_states<K>(my_entry, h);
 #pragma unroll
       for (int t = 0; t < kTile; ++t) {
-        const float delta = sm.delta[lane.channel * kPitch + t], delta_u = delta * sm.u[lane.channel * kPitch + t];
-        float bt[K];
-        load_states<K>(sm.b + t * Shared::kBcPitch + lane.sub * K, bt);
+        const Position<K> x = read_position<false, false, K>(sm, lane.channel * kPitch, lane.sub * K, t);
 #pragma unroll
-        for (int k = 0; k < K; ++k) h[k] = fmaf(rates.decay(k, delta), h[k], delta_u * bt[k]);
+        for (int k = 0; k < K; ++k) h[k] = fmaf(rates.decay(k, x.delta), h[k], x.delta_u * x.b[k]);
       }
       store_states<K>(my_entry + (now.tile + 1) * kThreads * K, h);
       continue;
@@ -535,14 +554,12 @@ __global__ void __launch_bounds__(kThreads, 4) scan_backward_kernel(const ScanAr
     load_states<K>(my_entry + now.tile * kThreads * K, entry);
 #pragma unroll
     for (int t = 0; t < kTile; ++t) {
-      const int slot = lane.channel * kPitch + t;
-      const float delta = sm.delta[slot], delta_u = delta * sm.u[slot], dy = sm.dy[slot];
-      float bt[K], dc[K];
-      load_states<K>(sm.b + t * Shared::kBcPitch + lane.sub * K, bt);
+      const Position<K> x = read_position<false, true, K>(sm, lane.channel * kPitch, lane.sub * K, t);
+      float dc[K];
 #pragma unroll
       for (int k = 0; k < K; ++k) {
-        hs[t][k] = fmaf(rates.decay(k, delta), t > 0 ? hs[t - 1][k] : entry[k], delta_u * bt[k]);
-        dc[k] = dy * hs[t][k];
+        hs[t][k] = fmaf(rates.decay(k, x.delta), t > 0 ? hs[t - 1][k] : entry[k], x.delta_u * x.b[k]);
+        dc[k] = x.dy * hs[t][k];
       }
       store_states<K>(my_reduce + t * Shared::kReducePitch, dc);
     }
@@ -554,22 +571,19 @@ __global__ void __launch_bounds__(kThreads, 4) scan_backward_kernel(const ScanAr
 #pragma unroll
     for (int t = kTile - 1; t >= 0; --t) {
       if (t >= len) continue;
-      const int slot = lane.channel * kPitch + t;
-      const float delta = sm.delta[slot], dy = sm.dy[slot], delta_u = delta * sm.u[slot];
-      float bt[K], ct[K], db[K];
-      load_states<K>(sm.b + t * Shared::kBcPitch + lane.sub * K, bt);
-      load_states<K>(sm.c + t * Shared::kBcPitch + lane.sub * K, ct);
+      const Position<K> x = read_position<true, true, K>(sm, lane.channel * kPitch, lane.sub * K, t);
+      float db[K];
       float grad_bu = 0.0f, grad_delta_a = 0.0f, y = 0.0f;  // sums over states of g B, g a h_{t-1} A, C h
 #pragma unroll
       for (int k = 0; k < K; ++k) {
-        const float decay = rates.decay(k, delta);
-        const float g = fmaf(ct[k], dy, q[k]);
+        const float decay = rates.decay(k, x.delta);
+        const float g = fmaf(x.c[k], x.dy, q[k]);
         const float g_log_decay = g * decay * (t > 0 ? hs[t - 1][k] : entry[k]);  // dL / d(delta A)
-        db[k] = g * delta_u;
-        grad_bu = fmaf(g, bt[k], grad_bu);
+        db[k] = g * x.delta_u;
+        grad_bu = fmaf(g, x.b[k], grad_bu);
         grad_delta_a = fmaf(g_log_decay, rates.a[k], grad_delta_a);
-        dA[k] = fmaf(g_log_decay, delta, dA[k]);
-        y = fmaf(ct[k], hs[t][k], y);
+        dA[k] = fmaf(g_log_decay, x.delta, dA[k]);
+        y = fmaf(x.c[k], hs[t][k], y);
         q[k] = decay * g;
       }
       store_states<K>(my_reduce + t * Shared::kReducePitch, db);
