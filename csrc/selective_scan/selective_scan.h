@@ -238,7 +238,7 @@ struct StateUpdateArgs {
 
 // The step of one channel's states n = first, first + kStride, ... (h, A: the channel's N entries;
 // B, C: its group's); returns their share of C h, summed in n order. The update loop carries no
-// reduction, so the CPU (kStride 1) vectorises it, exp included; a CUDA warp passes kStride 32.
+// reduction, so the CPU (kStride 1) vectorises it, exp included; the CUDA kernel passes its lanes per row.
 template <int kStride, typename T>
 FASTLLM_HD float update_states(float* __restrict h, const float* __restrict A, const T* __restrict B,
                                const T* __restrict C, int64_t first, int64_t nstate, float delta, float delta_x) {

@@ -126,9 +126,10 @@ def test_cuda_matches_fp64_reference(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("nstate,groups", [(16, 5), (1, 1), (40, 2), (64, 10)])
+@pytest.mark.parametrize("nstate,groups", [(16, 5), (1, 1), (5, 1), (40, 2), (64, 10), (200, 2)])
 def test_cuda_kernel_under_emulator(cuda_emulator, nstate, groups, dtype):
-    """The CUDA kernel run on the CPU by tests/cuda_emulator: lanes past N, states past 32, groups."""
+    """The CUDA kernel run on the CPU by tests/cuda_emulator: 1 to 32 lanes per row (up to 7 states
+    each), rows past the last in a block, groups."""
     lib = cuda_emulator("selective_scan.cpp")
     lib.emulated_state_update.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_bool, ctypes.c_int]
 
