@@ -2,7 +2,8 @@
 // also runs it on the CPU). LANES consecutive lanes share a (batch, channel) row, enough for about 4
 // states each: lane l of the row updates states l, l + LANES, ... (consecutive lanes touch consecutive
 // entries), then the row's lanes add up their shares of C h. A warp per row left half of it idle at
-// N = 16 and ran the row's scalar work (softplus, gate, output) 4 times as often per state.
+// N = 16 and spent a warp instruction per row on every step of the row's scalar work (softplus, gate,
+// output), where now 8 rows share one.
 #pragma once
 
 #include "selective_scan/selective_scan.h"
@@ -12,7 +13,7 @@ namespace state_update_cuda {
 
 constexpr int kThreads = 128;
 
-// Lanes per row: the fewest powers of two that leave at most 4 states per lane, at most a warp.
+// Lanes per row: the smallest power of two that leaves at most 4 states per lane, at most a warp.
 constexpr int lanes_per_row(int64_t nstate) {
   int lanes = 1;
   while (lanes < 32 && lanes * 4 < nstate) lanes *= 2;
