@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "common/pack.h"
 #include "depth_weighted_average/depth_weighted_average.h"
 
 namespace fastllm {
@@ -32,23 +33,8 @@ __device__ __forceinline__ float* dynamic_shared_floats() {
 }
 #endif
 
-template <typename T, int N>
-struct alignas(N * sizeof(T)) Pack {
-  T v[N];
-};
-
 template <typename T>
 constexpr int kVector = 16 / static_cast<int>(sizeof(T));
-
-template <typename T, int V>
-__device__ __forceinline__ Pack<T, V> load_pack(const T* p) {
-  return *reinterpret_cast<const Pack<T, V>*>(p);
-}
-
-template <typename T, int V>
-__device__ __forceinline__ void store_pack(T* p, const Pack<T, V>& x) {
-  *reinterpret_cast<Pack<T, V>*>(p) = x;
-}
 
 __device__ __forceinline__ float warp_sum(float x) {
 #pragma unroll

@@ -23,6 +23,7 @@
 
 #include <type_traits>
 
+#include "common/pack.h"
 #include "selective_scan/selective_scan.h"
 
 namespace fastllm {
@@ -90,16 +91,11 @@ constexpr int load_width() {
   return kVectorized ? min_int(min_int(16 / int(sizeof(T)), kTile), max_int(1, kRows * kTile / kThreads)) : 1;
 }
 
-template <typename T, int kWidth>
-struct alignas(kWidth * sizeof(T)) Vector {
-  T v[kWidth];
-};
-
 // kWidth consecutive elements p[at ..] as floats (0 where !in); p + at is kWidth-element aligned.
 template <int kWidth, typename T>
 __device__ __forceinline__ void load_floats(const T* p, int64_t at, bool in, float (&out)[kWidth]) {
-  Vector<T, kWidth> x{};
-  if (in) x = *reinterpret_cast<const Vector<T, kWidth>*>(p + at);
+  Pack<T, kWidth> x{};
+  if (in) x = load_pack<T, kWidth>(p + at);
 #pragma unroll
   for (int j = 0; j < kWidth; ++j) out[j] = load_float(x.v, j);  // zero bits are 0 in every type
 }
