@@ -50,7 +50,8 @@ def _bytes(k, shape, dtype, backward):
     return forward + (2 * k + 1) * numel * element if backward else forward
 
 
-def _case(device):
+def dwa_inputs(device):
+    """(case, states, weights, grad_out, label) of ``CASES[device]``; fresh random values."""
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     case = CASES[device]
@@ -64,7 +65,7 @@ def _case(device):
 @pytest.mark.parametrize("device", ["cuda", "cpu"])
 @pytest.mark.parametrize("impl", [*IMPLEMENTATIONS, SAME_BYTES])
 def test_forward(timer, device, impl):
-    case, states, weights, _, label = _case(device)
+    case, states, weights, _, label = dwa_inputs(device)
     fn = (lambda states, weights: states.sum(0)) if impl == SAME_BYTES else IMPLEMENTATIONS[impl]
     with torch.no_grad():
         timer(lambda: fn(states, weights), group=f"dwa forward {label}", name=impl, device=device,
@@ -74,7 +75,7 @@ def test_forward(timer, device, impl):
 @pytest.mark.parametrize("device", ["cuda", "cpu"])
 @pytest.mark.parametrize("impl", [*IMPLEMENTATIONS, SAME_BYTES])
 def test_forward_backward(timer, device, impl):
-    case, states, weights, grad_out, label = _case(device)
+    case, states, weights, grad_out, label = dwa_inputs(device)
     if impl == SAME_BYTES:
         def step():
             states.sum(0)

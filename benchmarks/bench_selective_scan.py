@@ -164,6 +164,20 @@ def test_causal_conv1d_cpu(timer, impl, layout):
           group=f"causal_conv1d cpu fwd+bwd b{batch} d{dim} L{length} w4 {layout}")
 
 
+CONV_GPU_SHAPE = (8, 2048, 2048)  # batch, dim, length
+
+
+def conv_gpu_inputs(requires_grad):
+    """(x, weight, bias, dout) on the GPU in bf16: x is a Mamba block's conv input, the x half of its
+    input projection, a channel-contiguous (B, D, L) view; width 4."""
+    batch, dim, length = CONV_GPU_SHAPE
+    projection = torch.randn(batch, length, 2 * dim, device="cuda", dtype=torch.bfloat16)
+    x = projection.transpose(1, 2)[:, :dim].detach().requires_grad_(requires_grad)
+    w = torch.randn(dim, 4, device="cuda", dtype=torch.bfloat16, requires_grad=requires_grad)
+    b = torch.randn(dim, device="cuda", dtype=torch.bfloat16, requires_grad=requires_grad)
+    return x, w, b, torch.randn(batch, dim, length, device="cuda", dtype=torch.bfloat16)
+
+
 CONV_IMPLEMENTATIONS = {
     "fastllm": lambda x, w, b: causal_conv1d(x, w, b, "silu"),
     "torch_conv1d": lambda x, w, b: F.silu(_preactivation_torch(x, w, b)),  # the op's fallback path
@@ -175,16 +189,11 @@ CONV_IMPLEMENTATIONS = {
 @pytest.mark.parametrize("impl", list(CONV_IMPLEMENTATIONS))
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
 def test_causal_conv1d_cuda(timer, impl, backward):
-    """The GPU choice of fastllm.ops.causal_conv1d, on a Mamba block's input: the x half of its input
-    projection, a channel-contiguous (B, D, L) view; bf16, width 4, silu."""
-    batch, dim, length = 8, 2048, 2048
-    projection = torch.randn(batch, length, 2 * dim, device="cuda", dtype=torch.bfloat16)
-    x = projection.transpose(1, 2)[:, :dim].detach().requires_grad_(backward)
-    w = torch.randn(dim, 4, device="cuda", dtype=torch.bfloat16, requires_grad=backward)
-    b = torch.randn(dim, device="cuda", dtype=torch.bfloat16, requires_grad=backward)
+    """The GPU choice of fastllm.ops.causal_conv1d on a Mamba block's input (conv_gpu_inputs), silu."""
+    batch, dim, length = CONV_GPU_SHAPE
+    x, w, b, dout = conv_gpu_inputs(requires_grad=backward)
     fn = CONV_IMPLEMENTATIONS[impl]
     if backward:
-        dout = torch.randn(batch, dim, length, device="cuda", dtype=torch.bfloat16)
         run = lambda: torch.autograd.grad(fn(x, w, b), (x, w, b), dout)  # noqa: E731
     else:
         run = lambda: fn(x, w, b)  # noqa: E731

@@ -75,29 +75,27 @@ def profile_attention() -> None:
 
 
 def profile_mamba() -> None:
-    from bench_selective_scan import GPU_SHAPE, scan_inputs
+    from bench_selective_scan import GPU_SHAPE, conv_gpu_inputs, scan_inputs
 
     from fastllm.ops import causal_conv1d, selective_scan
 
     leaves = {k: v.detach().requires_grad_() for k, v in scan_inputs(*GPU_SHAPE, torch.bfloat16, "cuda").items()}
     top_kernels("selective scan fwd+bwd, bf16 b8 d2048 L2048 N16",
                 lambda: selective_scan(**leaves, delta_softplus=True).backward(torch.ones_like(leaves["u"])))
-    batch, dim, length = 8, 2048, 2048  # a Mamba block's channel-contiguous x, as in the conv benchmark
-    x = torch.randn(batch, length, 2 * dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)[:, :dim]
-    x.requires_grad_()
-    w, b = (torch.randn(s, device="cuda", dtype=torch.bfloat16, requires_grad=True) for s in ((dim, 4), (dim,)))
-    dout = torch.randn(batch, dim, length, device="cuda", dtype=torch.bfloat16)
+    x, w, b, dout = conv_gpu_inputs(requires_grad=True)
     top_kernels("causal conv1d fwd+bwd, bf16 b8 d2048 L2048 w4 silu",
                 lambda: torch.autograd.grad(causal_conv1d(x, w, b, "silu"), (x, w, b), dout))
 
 
 def profile_dwa() -> None:
+    from bench_depth_weighted_average import dwa_inputs
+
     from fastllm.ops import depth_weighted_average
 
-    states = torch.randn(25, 8, 2048, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    weights = torch.randn(25, device="cuda", requires_grad=True)
-    dout = torch.randn(8, 2048, 1024, device="cuda", dtype=torch.bfloat16)
-    top_kernels("depth-weighted average fwd+bwd, bf16 K=25 B=8 T=2048 D=1024",
+    _, states, weights, dout, label = dwa_inputs("cuda")
+    states.requires_grad_()
+    weights.requires_grad_()
+    top_kernels(f"depth-weighted average fwd+bwd, {label}",
                 lambda: torch.autograd.grad(depth_weighted_average(states, weights), (states, weights), dout))
 
 
