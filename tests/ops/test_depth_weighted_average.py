@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+
 import pytest
 import torch
 
@@ -268,7 +270,6 @@ class _EmulatedKernels:
     """The emulator's entry points, called like the module's depth_weighted_average_*_cuda."""
 
     def __init__(self, lib):
-        import ctypes
         self.lib = lib
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         lib.emulated_dwa_workspace.restype = i64
