@@ -11,33 +11,13 @@
 #include "causal_conv1d/causal_conv1d.h"
 #include "common/cpu_utils.h"
 #include "common/dtypes.h"
+#include "selective_scan/selective_scan.h"  // ss_sigmoid: the scan's branch-free, vectorisable exp
 
 namespace fastllm {
 namespace {
 
 constexpr int64_t kChannels = 16;  // 32 bytes of a bf16 channel-contiguous x per position
 constexpr int64_t kChunk = 128;  // with kChannels, the backward's tiles of x and dout fit a 32 KiB L1
-
-// e^x with Cody-Waite reduction and a degree-7 Taylor polynomial on |r| <= ln2 / 2 (truncation under
-// 1e-8 relative): unlike std::exp it vectorises, which the silu loops need to keep up with memory.
-FASTLLM_ALWAYS_INLINE float exp_vectorisable(float x) {
-  x = x < -87.0f ? -87.0f : x;  // e^x stays a normal float (sigmoid's tails need no more)
-  x = x > 88.0f ? 88.0f : x;
-  // Round to nearest by adding and removing 1.5 * 2^23 (std::nearbyint is a library call here).
-  const float n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;
-  const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  return p * bits_as_float(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
-}
-
-FASTLLM_ALWAYS_INLINE float sigmoid(float a) { return 1.0f / (1.0f + exp_vectorisable(-a)); }
 
 // Sums in kLanes independent lanes: a vector add per step, where one running float sum would be a
 // chain of dependent scalar adds (the compiler may not reorder float sums).
@@ -119,7 +99,7 @@ FASTLLM_ALWAYS_INLINE void forward_tile(const ConvArgs& a, int64_t b, int64_t d0
   for (int64_t c = 0; c < channels; ++c) {
     correlate(tile + c * ld, a.weight + (d0 + c) * s.width, s.width, a.bias ? a.bias[d0 + c] : 0.0f, acc, count);
     if (a.silu)
-      for (int64_t i = 0; i < count; ++i) acc[i] *= sigmoid(acc[i]);
+      for (int64_t i = 0; i < count; ++i) acc[i] *= ss_sigmoid(acc[i]);
     T* o = static_cast<T*>(a.out) + ((b * s.dim + d0 + c) * s.length + t0);
     for (int64_t i = 0; i < count; ++i) o[i] = Store<T>::round(acc[i], false, 0u);
   }
@@ -159,7 +139,7 @@ FASTLLM_ALWAYS_INLINE void backward_block(const ConvArgs& a, int64_t d0, float* 
         if (a.silu) {
           correlate(xr, w, width, a.bias ? a.bias[d0 + c] : 0.0f, pre, count + halo);
           for (int64_t j = 0; j < count + halo; ++j) {
-            const float sg = sigmoid(pre[j]);
+            const float sg = ss_sigmoid(pre[j]);
             grad_pre[j] = gr[j] * (sg * (1.0f + pre[j] * (1.0f - sg)));
           }
         } else {
