@@ -217,6 +217,9 @@ def _fsdp_worker(rank: int, world: int, port: int, queue) -> None:
     full = {k: v.full_tensor().numpy() for k, v in model.state_dict().items()}
     if rank == 0:
         queue.put(full)
+    # Both ranks past their last collective before either tears gloo down: without it, a rank that
+    # destroyed its group while the other's last exchange was in flight once aborted (SIGABRT) in CI.
+    dist.barrier()
     dist.destroy_process_group()
 
 
