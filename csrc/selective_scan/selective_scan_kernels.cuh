@@ -202,10 +202,12 @@ struct TileInputs {
   float dout[Rows::kPerThread][kRowWidth];
   float b[States::kPerThread][kStateWidth], c[States::kPerThread][kStateWidth];
 
-  // Loads delta, u and B; C and z too for `outputs` (the forward, the backward's pass 2), and dL/dout
-  // where dout_rows is given. A vector lies wholly before L or wholly past it (L % width == 0).
-  __device__ void load(const ScanArgs& a, const void* dout_rows, const BlockChannels& blk, int64_t t0, bool outputs) {
-    const bool rows_in_time = t0 + Rows::position() < a.length;
+  // Loads delta, u and B at positions t0 .. before `end` (<= L); C and z too for `outputs` (the forward,
+  // the backward's pass 2), and dL/dout where dout_rows is given. A vector lies wholly before `end` or
+  // wholly past it (end is L or a multiple of 8, and L % width == 0).
+  __device__ void load(const ScanArgs& a, const void* dout_rows, const BlockChannels& blk, int64_t t0, int64_t end,
+                       bool outputs) {
+    const bool rows_in_time = t0 + Rows::position() < end;
 #pragma unroll
     for (int r = 0; r < Rows::kPerThread; ++r) {
       const int row = Rows::row(r);
@@ -216,7 +218,7 @@ struct TileInputs {
       load_floats(static_cast<const T*>(a.z), at, in && outputs && a.z, z[r]);
       load_floats(static_cast<const T*>(dout_rows), at, in && dout_rows, dout[r]);
     }
-    const bool states_in_time = t0 + States::position() < a.length;
+    const bool states_in_time = t0 + States::position() < end;
 #pragma unroll
     for (int r = 0; r < States::kPerThread; ++r) {
       const int n = States::row(r);
@@ -301,7 +303,7 @@ __global__ void __launch_bounds__(kThreads, 4) scan_forward_kernel(const ScanArg
     h[k] = lane.owns(k, N) && a.initial_state ? a.initial_state[(b * a.dim + lane.d) * N + lane.state(k)] : 0.0f;
 
   Inputs next;
-  next.load(a, nullptr, blk, 0, true);
+  next.load(a, nullptr, blk, 0, L, true);
   for (int64_t t0 = 0; t0 < L; t0 += kTile) {
     __syncthreads();  // the previous tile's values are consumed
     // Stage: positions outside the tile get delta' = 0, u = 0, B = 0: a no-op step, so the loop below
@@ -322,7 +324,7 @@ __global__ void __launch_bounds__(kThreads, 4) scan_forward_kernel(const ScanArg
     }
     next.template stage_bc<Shared::kBcPitch>(sm.b, sm.c);
     __syncthreads();
-    if (t0 + kTile < L) next.load(a, nullptr, blk, t0 + kTile, true);
+    if (t0 + kTile < L) next.load(a, nullptr, blk, t0 + kTile, L, true);
 
     auto read = [&](int t) { return read_position<true, false, K>(sm, lane.channel * kPitch, lane.sub * K, t); };
     Position<K> ahead = read(0);
@@ -372,6 +374,22 @@ struct BackwardShared {
   static constexpr int kBcPitch = Lay::kPadded + 4;
   static constexpr int kPartPitch = kThreads + 1, kParts = kTile * kPartPitch;
   static constexpr int kReducePitch = kThreads * K + 4;  // + 4: the positions of a warp's reads hit distinct banks
+  // Pass 2's scratch (grad_bu .. reduce), which pass 1 stages its longer tile in.
+  static constexpr int kScratch = 3 * kParts + 2 * kTile * kBcPitch + kTile * kReducePitch;
+  // Pass 1's tile of `tile` positions: whether its staging fits the scratch, and its inputs (delta, u,
+  // B) at most 20 registers per thread, as they are loaded while the tile before it is walked.
+  static constexpr bool entry_tile_fits(int tile) {
+    return 2 * Lay::kChannels * (tile + 1) + tile * kBcPitch <= kScratch &&
+           (2 * Lay::kChannels + Lay::kPadded) * tile <= 20 * kThreads;
+  }
+  // Positions per pass-1 tile: the longest that fits (32 at N = 16).
+  static constexpr int kEntryTile = entry_tile_fits(32) ? 32 : entry_tile_fits(16) ? 16 : kTile;
+  static constexpr int kEntryPitch = kEntryTile + 1;
+  static_assert(kEntryTile <= kCudaScanChunk && kEntryTile % kTile == 0 &&
+                    2 * Lay::kChannels * (kEntryTile + 1) + kEntryTile * kBcPitch <= kScratch,
+                "pass 1's tile fits the scratch and covers whole pass-2 tiles");
+  static_assert(Lay::kChannels * kEntryPitch % 4 == 0, "pass 1's B rows start 16-byte aligned");
+
   // Staged per channel: delta', u, dL/dy, d delta' / d delta, and dL/dz / (y + D u).
   float *delta, *u, *dy, *dsoftplus, *dz_factor;
   // [channel][position in tile]: running sums of dL/dD and dL/d delta_bias, each slot always added to
@@ -385,9 +403,14 @@ struct BackwardShared {
   float *entry;      // [tile of the chunk][kThreads * K]: the state entering each tile, each lane its own
   float *bias, *d_skip;
 
+  // Pass 1's tile (delta', u per channel; B), over pass 2's scratch.
+  struct EntryStage {
+    static constexpr int kPitch = kEntryPitch, kBcPitch = BackwardShared::kBcPitch;
+    float *delta, *u, *b;
+  } entries;
+
   FASTLLM_HD static int64_t floats() {
-    return 7 * kRows + 3 * kParts + 2 * kTile * kBcPitch + kTile * kReducePitch +
-           Lay::kTilesPerChunk * kThreads * K + 2 * Lay::kChannels;
+    return 7 * kRows + kScratch + Lay::kTilesPerChunk * kThreads * K + 2 * Lay::kChannels;
   }
   FASTLLM_HD explicit BackwardShared(float* base) {
     delta = base, u = delta + kRows, dy = u + kRows, dsoftplus = dy + kRows, dz_factor = dsoftplus + kRows;
@@ -396,39 +419,8 @@ struct BackwardShared {
     b = y + kParts, c = b + kTile * kBcPitch;
     reduce = c + kTile * kBcPitch, entry = reduce + kTile * kReducePitch;
     bias = entry + Lay::kTilesPerChunk * kThreads * K, d_skip = bias + Lay::kChannels;
-  }
-};
-
-// One step of the backward's walk over L: the chunks from last to first; in each, pass 1 over its
-// tiles 0 .. tiles - 2, then pass 2 over tiles tiles - 1 .. 0.
-template <int kTile>
-struct BackwardStep {
-  int64_t chunk;
-  int tile, tiles;
-  bool reverse;  // pass 2
-
-  FASTLLM_HD static BackwardStep first(int64_t length) {
-    const int64_t chunk = (length + kCudaScanChunk - 1) / kCudaScanChunk - 1;
-    return start_of(chunk, length);
-  }
-  FASTLLM_HD static BackwardStep start_of(int64_t chunk, int64_t length) {
-    const int tiles = static_cast<int>((min64(length, (chunk + 1) * kCudaScanChunk) - chunk * kCudaScanChunk +
-                                        kTile - 1) / kTile);
-    return {chunk, 0, tiles, tiles == 1};
-  }
-  FASTLLM_HD bool starts_chunk() const { return tile == 0 && (!reverse || tiles == 1); }
-  FASTLLM_HD int64_t t0() const { return chunk * kCudaScanChunk + int64_t(tile) * kTile; }
-  // The step after this one, false at the end of the walk.
-  FASTLLM_HD bool advance(int64_t length) {
-    if (!reverse) {
-      if (tile + 2 < tiles) ++tile;
-      else reverse = true, tile = tiles - 1;
-      return true;
-    }
-    if (tile > 0) return --tile, true;
-    if (chunk == 0) return false;
-    *this = start_of(chunk - 1, length);
-    return true;
+    entries.delta = grad_bu, entries.u = entries.delta + Lay::kChannels * kEntryPitch;
+    entries.b = entries.u + Lay::kChannels * kEntryPitch;
   }
 };
 
@@ -453,14 +445,23 @@ __device__ void sum_over_channels(const BackwardShared<Lay>& sm, int64_t nstate,
 }
 
 // 4 blocks per SM: at most 128 registers, as many blocks as the shared memory (54 KiB at N = 16) allows.
+//
+// The chunks are taken from last to first. Pass 1 runs the chunk's recurrence from its saved entry
+// state and stores the state entering each pass-2 tile; it needs no outputs, so its tiles are longer
+// (kEntryTile positions, 32 at N = 16), which spreads a step's staging, barriers and loads over more
+// positions. Pass 2 takes the chunk's tiles in reverse, recomputes a tile's states in registers and
+// runs the reverse recurrence. Every step's inputs are loaded during the step before it; the first
+// step of the next chunk is loaded once the reverse walk of tile 0 has freed the tile's states.
 template <typename T, typename Lay, bool kVectorized>
 __global__ void __launch_bounds__(kThreads, 4) scan_backward_kernel(const ScanArgs a, const ScanBackwardArgs gr) {
   constexpr int K = Lay::kStates, kTile = Lay::kBackwardTile;
   using Shared = BackwardShared<Lay>;
+  constexpr int kEntryTile = Shared::kEntryTile;
   using Inputs = TileInputs<T, Lay, kTile, kVectorized>;
+  using EntryInputs = TileInputs<T, Lay, kEntryTile, kVectorized>;
   using Rows = typename Inputs::Rows;
+  using EntryRows = typename EntryInputs::Rows;
   using Outputs = TileShare<Lay::kChannels, kTile>;  // one element per thread and row, as in the forward
-  using Step = BackwardStep<kTile>;
   constexpr int kPitch = Shared::kPitch, kPartPitch = Shared::kPartPitch;
   const BlockChannels blk(a, Lay{}, blockIdx.x, blockIdx.y);
   const LaneStates<Lay> lane(blk);
@@ -480,136 +481,181 @@ __global__ void __launch_bounds__(kThreads, 4) scan_backward_kernel(const ScanAr
 #pragma unroll
   for (int k = 0; k < K; ++k) q[k] = lane.owns(k, N) && gr.dlast_state ? gr.dlast_state[bd * N + lane.state(k)] : 0.0f;
 
-  // The state entering a chunk, loaded with the chunk's first step.
-  auto load_chunk_entry = [&](int64_t chunk, float (&saved)[K]) {
+  auto tiles_of = [&](int64_t chunk) {
+    return static_cast<int>((min64(L - chunk * kCudaScanChunk, kCudaScanChunk) + kTile - 1) / kTile);
+  };
+  // Pass 1 covers the positions before the chunk's last tile.
+  auto entry_end = [&](int64_t chunk, int tiles) { return chunk * kCudaScanChunk + int64_t(tiles - 1) * kTile; };
+  Inputs next;
+  EntryInputs next_entries;
+  float next_entry[K];  // the state entering the next chunk
+  auto load_tile = [&](int64_t chunk, int tile) {
+    next.load(a, gr.dout, blk, chunk * kCudaScanChunk + int64_t(tile) * kTile, L, true);
+  };
+  auto load_entries = [&](int64_t chunk, int tiles, int step) {
+    next_entries.load(a, nullptr, blk, chunk * kCudaScanChunk + int64_t(step) * kEntryTile, entry_end(chunk, tiles),
+                      false);
+  };
+  auto load_chunk = [&](int64_t chunk) {  // the inputs of its first pass-1 step and the state entering it
+    load_entries(chunk, tiles_of(chunk), 0);
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       const int64_t n = lane.state(k);
-      saved[k] = !lane.owns(k, N)    ? 0.0f
-                 : chunk > 0         ? gr.chunk_states[(bd * chunks + chunk - 1) * N + n]
-                 : a.initial_state   ? a.initial_state[bd * N + n]
-                                     : 0.0f;
+      next_entry[k] = !lane.owns(k, N)  ? 0.0f
+                      : chunk > 0       ? gr.chunk_states[(bd * chunks + chunk - 1) * N + n]
+                      : a.initial_state ? a.initial_state[bd * N + n]
+                                        : 0.0f;
     }
   };
 
-  Step step = Step::first(L);
-  Inputs next;
-  float next_entry[K];
-  auto prefetch = [&](const Step& s) {
-    next.load(a, s.reverse ? gr.dout : nullptr, blk, s.t0(), s.reverse);
-    if (s.starts_chunk()) load_chunk_entry(s.chunk, next_entry);
-  };
-  if (L > 0) prefetch(step);
-  float h[K];  // pass 1's state
-  for (bool more = L > 0; more;) {
-    const Step now = step;
-    more = step.advance(L);
-    const int64_t t0 = now.t0();
-    const int len = static_cast<int>(min64(kTile, L - t0));
-    __syncthreads();  // the previous step's values are consumed
-    if (now.starts_chunk()) store_states<K>(my_entry, next_entry);
+  if (L > 0) load_chunk(chunks - 1);
+  for (int64_t chunk = chunks - 1; chunk >= 0; --chunk) {
+    const int64_t c0 = chunk * kCudaScanChunk;
+    const int tiles = tiles_of(chunk);
+
+    // Pass 1: from the state entering the chunk to the state entering each later tile. It takes one
+    // step even for a chunk of one tile (staging nothing then), and, like pass 2, leaves only after
+    // the step that loads what follows it, so the compiler sees each step's inputs dead where unused.
+    const int entry_steps = tiles > 1 ? ((tiles - 1) * kTile + kEntryTile - 1) / kEntryTile : 1;
+    float h[K];
 #pragma unroll
-    for (int r = 0; r < Rows::kPerThread; ++r) {
-      const int row = Rows::row(r);
-      if (row >= Lay::kChannels) continue;
-      const bool in = Rows::position() < len && row < blk.count;
-      const float bias = sm.bias[row];  // read once, as in the forward
+    for (int k = 0; k < K; ++k) h[k] = next_entry[k];
+    for (int step = 0;; ++step) {
+      const int64_t t0 = c0 + int64_t(step) * kEntryTile, end = entry_end(chunk, tiles);
+      const bool last = step + 1 >= entry_steps;
+      __syncthreads();  // the previous step's values are consumed
+      if (step == 0) store_states<K>(my_entry, next_entry);
 #pragma unroll
-      for (int j = 0; j < Inputs::kRowWidth; ++j) {
-        const int slot = row * kPitch + Rows::position() + j;
-        const float raw = next.delta[r][j], dout = next.dout[r][j], z = next.z[r][j];
-        sm.delta[slot] = in ? ss_delta(raw, bias, a.softplus) : 0.0f;
-        sm.u[slot] = next.u[r][j];
-        if (!now.reverse) continue;
-        // ss_output_grad split in two: dz = dz_factor (y + D u) once y is known.
-        sm.dy[slot] = a.z ? dout * ss_silu(z) : dout;
-        sm.dz_factor[slot] = a.z ? dout * ss_silu_grad(z) : 0.0f;
-        sm.dsoftplus[slot] = in ? ss_delta_grad(raw, bias, a.softplus) : 0.0f;
+      for (int r = 0; r < EntryRows::kPerThread; ++r) {
+        const int row = EntryRows::row(r);
+        if (row >= Lay::kChannels) continue;
+        const bool in = t0 + EntryRows::position() < end && row < blk.count;
+        const float bias = sm.bias[row];
+#pragma unroll
+        for (int j = 0; j < EntryInputs::kRowWidth; ++j) {
+          const int slot = row * Shared::kEntryPitch + EntryRows::position() + j;
+          sm.entries.delta[slot] = in ? ss_delta(next_entries.delta[r][j], bias, a.softplus) : 0.0f;
+          sm.entries.u[slot] = next_entries.u[r][j];
+        }
       }
-    }
-    next.template stage_bc<Shared::kBcPitch>(sm.b, now.reverse ? sm.c : nullptr);
-    __syncthreads();
-    if (more) prefetch(step);
+      next_entries.template stage_bc<Shared::kBcPitch>(sm.entries.b, nullptr);
+      __syncthreads();
+      if (last) load_tile(chunk, tiles - 1);
+      else load_entries(chunk, tiles, step + 1);
 
-    if (!now.reverse) {
-      // Pass 1: from the state entering tile `tile` to the one entering the next tile.
-      if (now.tile == 0) load_states<K>(my_entry, h);
+      // Positions past `end` are staged as no-op steps; the walk stops at the last tile's entry.
+#pragma unroll
+      for (int g = 0; g < kEntryTile / kTile; ++g) {
+        const int tile = step * (kEntryTile / kTile) + g + 1;  // the tile whose entry this group ends at
+        if (tile >= tiles) break;
+#pragma unroll
+        for (int t = g * kTile; t < (g + 1) * kTile; ++t) {
+          const Position<K> x =
+              read_position<false, false, K>(sm.entries, lane.channel * Shared::kEntryPitch, lane.sub * K, t);
+#pragma unroll
+          for (int k = 0; k < K; ++k) h[k] = fmaf(rates.decay(k, x.delta), h[k], x.delta_u * x.b[k]);
+        }
+        store_states<K>(my_entry + tile * kThreads * K, h);
+      }
+      if (last) break;
+    }
+
+    // Pass 2, tiles in reverse. The loop leaves only after tile 0 has loaded the next chunk's first
+    // step, so the compiler sees those registers dead during the other tiles.
+    for (int tile = tiles - 1;; --tile) {
+      const int64_t t0 = c0 + int64_t(tile) * kTile;
+      const int len = static_cast<int>(min64(kTile, L - t0));
+      __syncthreads();  // the previous step's values are consumed
+#pragma unroll
+      for (int r = 0; r < Rows::kPerThread; ++r) {
+        const int row = Rows::row(r);
+        if (row >= Lay::kChannels) continue;
+        const bool in = Rows::position() < len && row < blk.count;
+        const float bias = sm.bias[row];  // read once, as in the forward
+#pragma unroll
+        for (int j = 0; j < Inputs::kRowWidth; ++j) {
+          const int slot = row * kPitch + Rows::position() + j;
+          const float raw = next.delta[r][j], dout = next.dout[r][j], z = next.z[r][j];
+          sm.delta[slot] = in ? ss_delta(raw, bias, a.softplus) : 0.0f;
+          sm.u[slot] = next.u[r][j];
+          // ss_output_grad split in two: dz = dz_factor (y + D u) once y is known.
+          sm.dy[slot] = a.z ? dout * ss_silu(z) : dout;
+          sm.dz_factor[slot] = a.z ? dout * ss_silu_grad(z) : 0.0f;
+          sm.dsoftplus[slot] = in ? ss_delta_grad(raw, bias, a.softplus) : 0.0f;
+        }
+      }
+      next.template stage_bc<Shared::kBcPitch>(sm.b, sm.c);
+      __syncthreads();
+      if (tile > 0) load_tile(chunk, tile - 1);
+
+      // The tile's states (hs[t] after position t), and the dC terms dL/dy_t h_t. Positions past L are
+      // staged as no-op steps.
+      float entry[K], hs[kTile][K];
+      load_states<K>(my_entry + tile * kThreads * K, entry);
 #pragma unroll
       for (int t = 0; t < kTile; ++t) {
-        const Position<K> x = read_position<false, false, K>(sm, lane.channel * kPitch, lane.sub * K, t);
+        const Position<K> x = read_position<false, true, K>(sm, lane.channel * kPitch, lane.sub * K, t);
+        float dc[K];
 #pragma unroll
-        for (int k = 0; k < K; ++k) h[k] = fmaf(rates.decay(k, x.delta), h[k], x.delta_u * x.b[k]);
+        for (int k = 0; k < K; ++k) {
+          hs[t][k] = fmaf(rates.decay(k, x.delta), t > 0 ? hs[t - 1][k] : entry[k], x.delta_u * x.b[k]);
+          dc[k] = x.dy * hs[t][k];
+        }
+        store_states<K>(my_reduce + t * Shared::kReducePitch, dc);
       }
-      store_states<K>(my_entry + (now.tile + 1) * kThreads * K, h);
-      continue;
-    }
+      __syncthreads();
+      sum_over_channels<Lay>(sm, N, L, len, gr.dC + partial_base + t0);
+      __syncthreads();
 
-    // Pass 2. The tile's states (hs[t] after position t), and the dC terms dL/dy_t h_t. Positions past
-    // L are staged as no-op steps.
-    float entry[K], hs[kTile][K];
-    load_states<K>(my_entry + now.tile * kThreads * K, entry);
+      // Reverse: g = dL/dh_t = C_t dy_t + q; q <- exp(delta_t A) g for position t - 1.
 #pragma unroll
-    for (int t = 0; t < kTile; ++t) {
-      const Position<K> x = read_position<false, true, K>(sm, lane.channel * kPitch, lane.sub * K, t);
-      float dc[K];
+      for (int t = kTile - 1; t >= 0; --t) {
+        if (t >= len) continue;
+        const Position<K> x = read_position<true, true, K>(sm, lane.channel * kPitch, lane.sub * K, t);
+        float db[K];
+        float grad_bu = 0.0f, grad_delta_a = 0.0f, y = 0.0f;  // sums over states of g B, g a h_{t-1} A, C h
 #pragma unroll
-      for (int k = 0; k < K; ++k) {
-        hs[t][k] = fmaf(rates.decay(k, x.delta), t > 0 ? hs[t - 1][k] : entry[k], x.delta_u * x.b[k]);
-        dc[k] = x.dy * hs[t][k];
+        for (int k = 0; k < K; ++k) {
+          const float decay = rates.decay(k, x.delta);
+          const float g = fmaf(x.c[k], x.dy, q[k]);
+          const float g_log_decay = g * decay * (t > 0 ? hs[t - 1][k] : entry[k]);  // dL / d(delta A)
+          db[k] = g * x.delta_u;
+          grad_bu = fmaf(g, x.b[k], grad_bu);
+          grad_delta_a = fmaf(g_log_decay, rates.a[k], grad_delta_a);
+          dA[k] = fmaf(g_log_decay, x.delta, dA[k]);
+          y = fmaf(x.c[k], hs[t][k], y);
+          q[k] = decay * g;
+        }
+        store_states<K>(my_reduce + t * Shared::kReducePitch, db);
+        const int part = t * kPartPitch + threadIdx.x;
+        sm.grad_bu[part] = grad_bu, sm.grad_delta_a[part] = grad_delta_a, sm.y[part] = y;
       }
-      store_states<K>(my_reduce + t * Shared::kReducePitch, dc);
-    }
-    __syncthreads();
-    sum_over_channels<Lay>(sm, N, L, len, gr.dC + partial_base + t0);
-    __syncthreads();
-
-    // Reverse: g = dL/dh_t = C_t dy_t + q; q <- exp(delta_t A) g for position t - 1.
+      if (tile == 0) load_chunk(chunk > 0 ? chunk - 1 : 0);  // chunk 0: a harmless reload
+      __syncthreads();
+      sum_over_channels<Lay>(sm, N, L, len, gr.dB + partial_base + t0);
+      const int pos = Outputs::position();
+      // Per (channel, position), always by the same thread: the running sums need no atomics.
 #pragma unroll
-    for (int t = kTile - 1; t >= 0; --t) {
-      if (t >= len) continue;
-      const Position<K> x = read_position<true, true, K>(sm, lane.channel * kPitch, lane.sub * K, t);
-      float db[K];
-      float grad_bu = 0.0f, grad_delta_a = 0.0f, y = 0.0f;  // sums over states of g B, g a h_{t-1} A, C h
+      for (int r = 0; r < Outputs::kPerThread; ++r) {
+        const int row = Outputs::row(r);
+        if (row >= blk.count || pos >= len) continue;
+        float grad_bu = 0.0f, grad_delta_a = 0.0f, y = 0.0f;
 #pragma unroll
-      for (int k = 0; k < K; ++k) {
-        const float decay = rates.decay(k, x.delta);
-        const float g = fmaf(x.c[k], x.dy, q[k]);
-        const float g_log_decay = g * decay * (t > 0 ? hs[t - 1][k] : entry[k]);  // dL / d(delta A)
-        db[k] = g * x.delta_u;
-        grad_bu = fmaf(g, x.b[k], grad_bu);
-        grad_delta_a = fmaf(g_log_decay, rates.a[k], grad_delta_a);
-        dA[k] = fmaf(g_log_decay, x.delta, dA[k]);
-        y = fmaf(x.c[k], hs[t][k], y);
-        q[k] = decay * g;
+        for (int sub = 0; sub < Lay::kLanes; ++sub) {
+          const int part = pos * kPartPitch + row * Lay::kLanes + sub;
+          grad_bu += sm.grad_bu[part], grad_delta_a += sm.grad_delta_a[part], y += sm.y[part];
+        }
+        const int64_t at = blk.first_row + row * L + t0 + pos;
+        const int slot = row * kPitch + pos;
+        const float delta = sm.delta[slot], u = sm.u[slot], dy = sm.dy[slot], d_skip = sm.d_skip[row];
+        const float ddelta = fmaf(u, grad_bu, grad_delta_a) * sm.dsoftplus[slot];
+        store_float(static_cast<T*>(gr.du), at, fmaf(delta, grad_bu, d_skip * dy));
+        store_float(static_cast<T*>(gr.ddelta), at, ddelta);
+        if (a.z) store_float(static_cast<T*>(gr.dz), at, fmaf(d_skip, u, y) * sm.dz_factor[slot]);
+        sm.d_skip_sum[slot] = fmaf(dy, u, sm.d_skip_sum[slot]);
+        sm.bias_sum[slot] += ddelta;
       }
-      store_states<K>(my_reduce + t * Shared::kReducePitch, db);
-      const int part = t * kPartPitch + threadIdx.x;
-      sm.grad_bu[part] = grad_bu, sm.grad_delta_a[part] = grad_delta_a, sm.y[part] = y;
-    }
-    __syncthreads();
-    sum_over_channels<Lay>(sm, N, L, len, gr.dB + partial_base + t0);
-    const int pos = Outputs::position();
-    if (pos >= len) continue;
-    // Per (channel, position), always by the same thread: the running sums need no atomics.
-#pragma unroll
-    for (int r = 0; r < Outputs::kPerThread; ++r) {
-      const int row = Outputs::row(r);
-      if (row >= blk.count) continue;
-      float grad_bu = 0.0f, grad_delta_a = 0.0f, y = 0.0f;
-#pragma unroll
-      for (int sub = 0; sub < Lay::kLanes; ++sub) {
-        const int part = pos * kPartPitch + row * Lay::kLanes + sub;
-        grad_bu += sm.grad_bu[part], grad_delta_a += sm.grad_delta_a[part], y += sm.y[part];
-      }
-      const int64_t at = blk.first_row + row * L + t0 + pos;
-      const int slot = row * kPitch + pos;
-      const float delta = sm.delta[slot], u = sm.u[slot], dy = sm.dy[slot], d_skip = sm.d_skip[row];
-      const float ddelta = fmaf(u, grad_bu, grad_delta_a) * sm.dsoftplus[slot];
-      store_float(static_cast<T*>(gr.du), at, fmaf(delta, grad_bu, d_skip * dy));
-      store_float(static_cast<T*>(gr.ddelta), at, ddelta);
-      if (a.z) store_float(static_cast<T*>(gr.dz), at, fmaf(d_skip, u, y) * sm.dz_factor[slot]);
-      sm.d_skip_sum[slot] = fmaf(dy, u, sm.d_skip_sum[slot]);
-      sm.bias_sum[slot] += ddelta;
+      if (tile == 0) break;
     }
   }
 

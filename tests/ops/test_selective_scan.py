@@ -263,6 +263,9 @@ EMULATED_CASES = [
     dict(batch=1, dim=130, length=24, nstate=3, groups=2, initial=False),  # one lane per channel
     dict(batch=1, dim=2, length=40, nstate=130, D=False),  # 4-position forward tiles
     dict(batch=1, dim=5, length=48, nstate=16, misaligned=True),  # inputs off 16 bytes: scalar loads
+    # The backward's pass 1 in several steps per chunk, then a chunk of one tile
+    dict(batch=1, dim=6, length=72, nstate=4, z=False),
+    dict(batch=1, dim=9, length=130, nstate=64, groups=3, initial=False),
 ]
 
 
