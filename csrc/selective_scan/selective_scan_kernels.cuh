@@ -405,7 +405,7 @@ struct BackwardShared {
 
   // Pass 1's tile (delta', u per channel; B), over pass 2's scratch.
   struct EntryStage {
-    static constexpr int kPitch = kEntryPitch, kBcPitch = BackwardShared::kBcPitch;
+    static constexpr int kBcPitch = BackwardShared::kBcPitch;  // read_position's B rows
     float *delta, *u, *b;
   } entries;
 
