@@ -8,6 +8,8 @@
 #include <string>
 
 #if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #define FASTLLM_HD __host__ __device__ __forceinline__
 #else
 #define FASTLLM_HD inline
@@ -19,6 +21,10 @@ namespace fastllm {
 enum class DType : int { Float32 = 0, BFloat16 = 1, Float16 = 2 };
 
 struct bfloat16 {
+  uint16_t bits;
+};
+
+struct float16 {  // IEEE half
   uint16_t bits;
 };
 
@@ -42,15 +48,54 @@ FASTLLM_HD float bits_as_float(uint32_t u) {
 #endif
 }
 
+// Conversions with round to nearest even, as torch's casts. On GPUs one conversion instruction each;
+// on the host in software.
 FASTLLM_HD float to_float(float x) { return x; }
 FASTLLM_HD float to_float(bfloat16 x) { return bits_as_float(uint32_t(x.bits) << 16); }
 
-// Round to nearest even, NaN kept quiet: the same rounding as torch's float -> bfloat16 cast.
+FASTLLM_HD float to_float(float16 x) {
+#if defined(__CUDA_ARCH__)
+  return __half2float(__ushort_as_half(x.bits));
+#else
+  const uint32_t sign = uint32_t(x.bits & 0x8000u) << 16;
+  const uint32_t exponent = (x.bits >> 10) & 0x1fu, mantissa = x.bits & 0x3ffu;
+  if (exponent == 0x1fu) return bits_as_float(sign | 0x7f800000u | (mantissa << 13));
+  if (exponent == 0) {  // zero or subnormal: mantissa * 2^-24
+    const float f = float(mantissa) * 5.9604644775390625e-8f;
+    return sign ? -f : f;
+  }
+  return bits_as_float(sign | ((exponent + 112u) << 23) | (mantissa << 13));
+#endif
+}
+
+// NaN stays a quiet NaN.
 FASTLLM_HD bfloat16 bf16_round_nearest(float f) {
+#if defined(__CUDA_ARCH__)
+  return bfloat16{__bfloat16_as_ushort(__float2bfloat16_rn(f))};
+#else
   uint32_t u = float_as_bits(f);
   if ((u & 0x7fffffffu) > 0x7f800000u) return bfloat16{uint16_t((u >> 16) | 0x40u)};
   u += 0x7fffu + ((u >> 16) & 1u);
   return bfloat16{uint16_t(u >> 16)};
+#endif
+}
+
+FASTLLM_HD float16 fp16_round_nearest(float f) {
+#if defined(__CUDA_ARCH__)
+  return float16{__half_as_ushort(__float2half_rn(f))};
+#else
+  const uint32_t u = float_as_bits(f);
+  const uint32_t sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return float16{uint16_t(sign | 0x7e00u)};
+  if (a >= 0x477ff000u) return float16{uint16_t(sign | 0x7c00u)};  // >= 65520 rounds to inf
+  if (a >= 0x38800000u) {  // normal: rebase the exponent, round at bit 13
+    const uint32_t r = a + 0xfffu + ((a >> 13) & 1u);
+    return float16{uint16_t(sign | ((r - 0x38000000u) >> 13))};
+  }
+  // Subnormal: count units of 2^-24, rounded to nearest even by the 1.5 * 2^23 trick.
+  const float units = bits_as_float(a) * 16777216.0f + 12582912.0f;
+  return float16{uint16_t(sign | (float_as_bits(units) - 0x4b400000u))};
+#endif
 }
 
 // Stochastic rounding: adds 16 random bits below the kept mantissa, then truncates, so the rounded

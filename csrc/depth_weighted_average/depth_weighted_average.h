@@ -10,53 +10,8 @@
 
 #include "common/dtypes.h"
 
-#if defined(__CUDACC__)
-#include <cuda_fp16.h>
-#endif
-
 namespace fastllm {
 namespace dwa {
-
-// IEEE half, stored as bits; converted in software on the host (round to nearest even, like torch).
-struct float16 {
-  uint16_t bits;
-};
-
-FASTLLM_HD float half_bits_to_float(uint16_t h) {
-#if defined(__CUDA_ARCH__)
-  return __half2float(__ushort_as_half(h));
-#else
-  const uint32_t sign = (uint32_t(h) & 0x8000u) << 16;
-  const uint32_t exponent = (h >> 10) & 0x1fu, mantissa = h & 0x3ffu;
-  if (exponent == 0x1f) return bits_as_float(sign | 0x7f800000u | (mantissa << 13));
-  if (exponent == 0) {
-    const float magnitude = float(mantissa) * 5.9604644775390625e-08f;  // subnormal: mantissa * 2^-24
-    return sign ? -magnitude : magnitude;
-  }
-  return bits_as_float(sign | ((exponent + 112u) << 23) | (mantissa << 13));
-#endif
-}
-
-FASTLLM_HD uint16_t float_to_half_bits(float f) {
-#if defined(__CUDA_ARCH__)
-  return __half_as_ushort(__float2half_rn(f));
-#else
-  const uint32_t x = float_as_bits(f);
-  const uint32_t sign = (x >> 16) & 0x8000u;
-  uint32_t magnitude = x & 0x7fffffffu;
-  if (magnitude > 0x7f800000u) return uint16_t(sign | 0x7e00u);    // NaN stays a quiet NaN
-  if (magnitude >= 0x477ff000u) return uint16_t(sign | 0x7c00u);   // >= 65520 rounds to infinity
-  if (magnitude < 0x38800000u) {                                    // below 2^-14: a half subnormal
-    // Adding 0.5f puts the half's subnormal unit (2^-24) at the float's last mantissa bit, so the
-    // float addition itself rounds to nearest even.
-    const float shifted = bits_as_float(magnitude) + 0.5f;
-    return uint16_t(sign | (float_as_bits(shifted) - 0x3f000000u));
-  }
-  const uint32_t odd = (magnitude >> 13) & 1u;
-  magnitude += 0xc8000fffu + odd;  // rebias the exponent (127 -> 15) and round half to even
-  return uint16_t(sign | (magnitude >> 13));
-#endif
-}
 
 // Loads as fp32 and stores with round to nearest even, per element type.
 template <typename T>
@@ -76,8 +31,8 @@ struct Elem<bfloat16> {
 
 template <>
 struct Elem<float16> {
-  FASTLLM_HD static float load(float16 x) { return half_bits_to_float(x.bits); }
-  FASTLLM_HD static float16 store(float x) { return float16{float_to_half_bits(x)}; }
+  FASTLLM_HD static float load(float16 x) { return to_float(x); }
+  FASTLLM_HD static float16 store(float x) { return fp16_round_nearest(x); }
 };
 
 // Forward term: acc += w * x.

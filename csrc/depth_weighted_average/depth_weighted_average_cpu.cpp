@@ -88,7 +88,7 @@ using BackwardChunkFn = void (*)(const void*, const void*, const float*, void*, 
   }
 FASTLLM_DWA_CHUNKS(f32, float)
 FASTLLM_DWA_CHUNKS(bf16, bfloat16)
-FASTLLM_DWA_CHUNKS(f16, dwa::float16)
+FASTLLM_DWA_CHUNKS(f16, float16)
 #undef FASTLLM_DWA_CHUNKS
 
 }  // namespace

@@ -170,7 +170,7 @@ void with_element(int dtype, const char* op, Pick&& pick) {
   switch (static_cast<DType>(dtype)) {
     case DType::Float32: return pick(float{});
     case DType::BFloat16: return pick(bfloat16{});
-    case DType::Float16: return pick(dwa::float16{});
+    case DType::Float16: return pick(float16{});
   }
   unsupported_dtypes(op, dtype, static_cast<int>(DType::Float32));
 }

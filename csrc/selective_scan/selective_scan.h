@@ -19,36 +19,6 @@ namespace fastllm {
 constexpr int kScanChunk = 256;
 constexpr int kCudaScanChunk = 64;  // shorter: the CUDA backward recomputes a chunk per thread block
 
-struct float16 {
-  uint16_t bits;
-};
-
-FASTLLM_HD float to_float(float16 x) {
-  const uint32_t sign = uint32_t(x.bits & 0x8000u) << 16;
-  const uint32_t exponent = (x.bits >> 10) & 0x1fu, mantissa = x.bits & 0x3ffu;
-  if (exponent == 0x1fu) return bits_as_float(sign | 0x7f800000u | (mantissa << 13));
-  if (exponent == 0) {  // zero or subnormal: mantissa * 2^-24
-    const float f = float(mantissa) * 5.9604644775390625e-8f;
-    return sign ? -f : f;
-  }
-  return bits_as_float(sign | ((exponent + 112u) << 23) | (mantissa << 13));
-}
-
-// Round to nearest even, as torch's float -> float16 cast.
-FASTLLM_HD float16 fp16_round_nearest(float f) {
-  const uint32_t u = float_as_bits(f);
-  const uint32_t sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
-  if (a > 0x7f800000u) return float16{uint16_t(sign | 0x7e00u)};
-  if (a >= 0x477ff000u) return float16{uint16_t(sign | 0x7c00u)};  // >= 65520 rounds to inf
-  if (a >= 0x38800000u) {  // normal: rebase the exponent, round at bit 13
-    const uint32_t r = a + 0xfffu + ((a >> 13) & 1u);
-    return float16{uint16_t(sign | ((r - 0x38000000u) >> 13))};
-  }
-  // Subnormal: count units of 2^-24, rounded to nearest even by the 1.5 * 2^23 trick.
-  const float units = bits_as_float(a) * 16777216.0f + 12582912.0f;
-  return float16{uint16_t(sign | (float_as_bits(units) - 0x4b400000u))};
-}
-
 FASTLLM_HD float load_float(const float* p, int64_t i) { return p[i]; }
 FASTLLM_HD float load_float(const bfloat16* p, int64_t i) { return to_float(p[i]); }
 FASTLLM_HD float load_float(const float16* p, int64_t i) { return to_float(p[i]); }
