@@ -27,10 +27,10 @@ FASTLLM_ALWAYS_INLINE void update_span(const AdemamixTensor& t, int64_t tensor_i
       m2s[i] = Store<S>::round(m2, true, hash_bits(h.seed, rounding_stream(tensor_id, 2), i));
       nus[i] = Store<S>::round(nu, true, hash_bits(h.seed, rounding_stream(tensor_id, 3), i));
     } else {
-      param[i] = Store<P>::round(p, false, 0u);
-      m1s[i] = Store<S>::round(m1, false, 0u);
-      m2s[i] = Store<S>::round(m2, false, 0u);
-      nus[i] = Store<S>::round(nu, false, 0u);
+      param[i] = from_float<P>(p);
+      m1s[i] = from_float<S>(m1);
+      m2s[i] = from_float<S>(m2);
+      nus[i] = from_float<S>(nu);
     }
   }
 }

@@ -101,7 +101,7 @@ FASTLLM_ALWAYS_INLINE void forward_tile(const ConvArgs& a, int64_t b, int64_t d0
     if (a.silu)
       for (int64_t i = 0; i < count; ++i) acc[i] *= ss_sigmoid(acc[i]);
     T* o = static_cast<T*>(a.out) + ((b * s.dim + d0 + c) * s.length + t0);
-    for (int64_t i = 0; i < count; ++i) o[i] = Store<T>::round(acc[i], false, 0u);
+    for (int64_t i = 0; i < count; ++i) o[i] = from_float<T>(acc[i]);
   }
 }
 
@@ -149,7 +149,7 @@ FASTLLM_ALWAYS_INLINE void backward_block(const ConvArgs& a, int64_t d0, float* 
         std::reverse_copy(w, w + width, flipped);
         correlate(grad_pre, flipped, width, 0.0f, dx_row, count);
         T* dxr = static_cast<T*>(a.out) + ((b * s.dim + d0 + c) * s.length + t0);
-        for (int64_t i = 0; i < count; ++i) dxr[i] = Store<T>::round(dx_row[i], false, 0u);
+        for (int64_t i = 0; i < count; ++i) dxr[i] = from_float<T>(dx_row[i]);
         for (int64_t k = 0; k < width; ++k) sum_w[c * width + k] += dot(grad_pre, xr + k, count);
         sum_b[c] += sum(grad_pre, count);
       }

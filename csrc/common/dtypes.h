@@ -98,6 +98,22 @@ FASTLLM_HD float16 fp16_round_nearest(float f) {
 #endif
 }
 
+// x in T, rounded to nearest even.
+template <typename T>
+FASTLLM_HD T from_float(float x);
+template <>
+FASTLLM_HD float from_float<float>(float x) { return x; }
+template <>
+FASTLLM_HD bfloat16 from_float<bfloat16>(float x) { return bf16_round_nearest(x); }
+template <>
+FASTLLM_HD float16 from_float<float16>(float x) { return fp16_round_nearest(x); }
+
+// p[i] as float, and x stored to p[i].
+template <typename T>
+FASTLLM_HD float load_float(const T* p, int64_t i) { return to_float(p[i]); }
+template <typename T>
+FASTLLM_HD void store_float(T* p, int64_t i, float x) { p[i] = from_float<T>(x); }
+
 // Stochastic rounding: adds 16 random bits below the kept mantissa, then truncates, so the rounded
 // value is unbiased in expectation. Small updates to bf16 states then survive on average.
 FASTLLM_HD bfloat16 bf16_round_stochastic(float f, uint32_t random_bits) {
@@ -120,6 +136,7 @@ FASTLLM_HD uint32_t hash_bits(uint64_t seed, uint64_t stream, uint64_t index) {
 template <typename T>
 struct Store;
 
+// AdEMAMix's stores: to nearest, or stochastically in bf16.
 template <>
 struct Store<float> {
   FASTLLM_HD static float round(float x, bool /*stochastic*/, uint32_t /*bits*/) { return x; }
@@ -128,7 +145,7 @@ struct Store<float> {
 template <>
 struct Store<bfloat16> {
   FASTLLM_HD static bfloat16 round(float x, bool stochastic, uint32_t bits) {
-    return stochastic ? bf16_round_stochastic(x, bits) : bf16_round_nearest(x);
+    return stochastic ? bf16_round_stochastic(x, bits) : from_float<bfloat16>(x);
   }
 };
 

@@ -13,28 +13,6 @@
 namespace fastllm {
 namespace dwa {
 
-// Loads as fp32 and stores with round to nearest even, per element type.
-template <typename T>
-struct Elem;
-
-template <>
-struct Elem<float> {
-  FASTLLM_HD static float load(float x) { return x; }
-  FASTLLM_HD static float store(float x) { return x; }
-};
-
-template <>
-struct Elem<bfloat16> {
-  FASTLLM_HD static float load(bfloat16 x) { return to_float(x); }
-  FASTLLM_HD static bfloat16 store(float x) { return bf16_round_nearest(x); }
-};
-
-template <>
-struct Elem<float16> {
-  FASTLLM_HD static float load(float16 x) { return to_float(x); }
-  FASTLLM_HD static float16 store(float x) { return fp16_round_nearest(x); }
-};
-
 // Forward term: acc += w * x.
 FASTLLM_HD float accumulate(float acc, float weight, float state) { return acc + weight * state; }
 

@@ -34,18 +34,18 @@ FASTLLM_ALWAYS_INLINE void forward_chunk(const T* states, const float* weights, 
     const T *x1 = x0 + numel, *x2 = x1 + numel, *x3 = x2 + numel;
     const float w0 = weights[k], w1 = weights[k + 1], w2 = weights[k + 2], w3 = weights[k + 3];
     for (int64_t i = 0; i < n; ++i) {
-      float a = dwa::accumulate(acc[i], w0, dwa::Elem<T>::load(x0[i]));
-      a = dwa::accumulate(a, w1, dwa::Elem<T>::load(x1[i]));
-      a = dwa::accumulate(a, w2, dwa::Elem<T>::load(x2[i]));
-      acc[i] = dwa::accumulate(a, w3, dwa::Elem<T>::load(x3[i]));
+      float a = dwa::accumulate(acc[i], w0, to_float(x0[i]));
+      a = dwa::accumulate(a, w1, to_float(x1[i]));
+      a = dwa::accumulate(a, w2, to_float(x2[i]));
+      acc[i] = dwa::accumulate(a, w3, to_float(x3[i]));
     }
   }
   for (; k < num_states; ++k) {
     const T* x = states + k * numel + begin;
     const float w = weights[k];
-    for (int64_t i = 0; i < n; ++i) acc[i] = dwa::accumulate(acc[i], w, dwa::Elem<T>::load(x[i]));
+    for (int64_t i = 0; i < n; ++i) acc[i] = dwa::accumulate(acc[i], w, to_float(x[i]));
   }
-  for (int64_t i = 0; i < n; ++i) out[begin + i] = dwa::Elem<T>::store(acc[i]);
+  for (int64_t i = 0; i < n; ++i) out[begin + i] = from_float<T>(acc[i]);
 }
 
 // State gradients of [begin, begin + n) and each state's weight-gradient sum over it (partial[k]).
@@ -54,7 +54,7 @@ FASTLLM_ALWAYS_INLINE void backward_chunk(const T* grad_out, const T* states, co
                                           T* grad_states, float* partial, int64_t numel, int64_t num_states,
                                           int64_t begin, int64_t n) {
   float g[kChunk];
-  for (int64_t i = 0; i < n; ++i) g[i] = dwa::Elem<T>::load(grad_out[begin + i]);
+  for (int64_t i = 0; i < n; ++i) g[i] = to_float(grad_out[begin + i]);
   for (int64_t k = 0; k < num_states; ++k) {
     const T* x = states + k * numel + begin;
     T* dx = grad_states + k * numel + begin;
@@ -64,8 +64,8 @@ FASTLLM_ALWAYS_INLINE void backward_chunk(const T* grad_out, const T* states, co
 #pragma omp simd reduction(+ : dot)
 #endif
     for (int64_t i = 0; i < n; ++i) {
-      dx[i] = dwa::Elem<T>::store(dwa::state_grad(w, g[i]));
-      dot = dwa::weight_grad_term(dot, g[i], dwa::Elem<T>::load(x[i]));
+      dx[i] = from_float<T>(dwa::state_grad(w, g[i]));
+      dot = dwa::weight_grad_term(dot, g[i], to_float(x[i]));
     }
     partial[k] = dot;
   }

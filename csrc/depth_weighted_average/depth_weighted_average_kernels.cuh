@@ -64,18 +64,18 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
       for (int u = 0; u < 4; ++u) {
         const float w = __ldg(weights + k + u);
 #pragma unroll
-        for (int j = 0; j < V; ++j) acc[j] = dwa::accumulate(acc[j], w, dwa::Elem<T>::load(p[u].v[j]));
+        for (int j = 0; j < V; ++j) acc[j] = dwa::accumulate(acc[j], w, to_float(p[u].v[j]));
       }
     }
     for (; k < num_states; ++k) {
       const Pack<T, V> p = load_pack<T, V>(x + k * numel);
       const float w = __ldg(weights + k);
 #pragma unroll
-      for (int j = 0; j < V; ++j) acc[j] = dwa::accumulate(acc[j], w, dwa::Elem<T>::load(p.v[j]));
+      for (int j = 0; j < V; ++j) acc[j] = dwa::accumulate(acc[j], w, to_float(p.v[j]));
     }
     Pack<T, V> o;
 #pragma unroll
-    for (int j = 0; j < V; ++j) o.v[j] = dwa::Elem<T>::store(acc[j]);
+    for (int j = 0; j < V; ++j) o.v[j] = from_float<T>(acc[j]);
     store_pack<T, V>(out + item * V, o);
   }
 }
@@ -102,7 +102,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     if (active) {
       const Pack<T, V> gp = load_pack<T, V>(grad_out + item * V);
 #pragma unroll
-      for (int j = 0; j < V; ++j) g[j] = dwa::Elem<T>::load(gp.v[j]);
+      for (int j = 0; j < V; ++j) g[j] = to_float(gp.v[j]);
     } else {
 #pragma unroll
       for (int j = 0; j < V; ++j) g[j] = 0.0f;
@@ -117,8 +117,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
         Pack<T, V> dx;
 #pragma unroll
         for (int j = 0; j < V; ++j) {
-          dx.v[j] = dwa::Elem<T>::store(dwa::state_grad(w, g[j]));
-          dot = dwa::weight_grad_term(dot, g[j], dwa::Elem<T>::load(x.v[j]));
+          dx.v[j] = from_float<T>(dwa::state_grad(w, g[j]));
+          dot = dwa::weight_grad_term(dot, g[j], to_float(x.v[j]));
         }
         store_pack<T, V>(grad_states + offset, dx);
       }

@@ -19,13 +19,6 @@ namespace fastllm {
 constexpr int kScanChunk = 256;
 constexpr int kCudaScanChunk = 64;  // shorter: the CUDA backward recomputes a chunk per thread block
 
-FASTLLM_HD float load_float(const float* p, int64_t i) { return p[i]; }
-FASTLLM_HD float load_float(const bfloat16* p, int64_t i) { return to_float(p[i]); }
-FASTLLM_HD float load_float(const float16* p, int64_t i) { return to_float(p[i]); }
-FASTLLM_HD void store_float(float* p, int64_t i, float x) { p[i] = x; }
-FASTLLM_HD void store_float(bfloat16* p, int64_t i, float x) { p[i] = bf16_round_nearest(x); }
-FASTLLM_HD void store_float(float16* p, int64_t i, float x) { p[i] = fp16_round_nearest(x); }
-
 // Branch-free select (GCC keeps `c ? a : b` on floats as a branch, which stops vectorisation).
 FASTLLM_HD float ss_select(bool condition, float if_true, float if_false) {
   const uint32_t mask = 0u - uint32_t(condition);

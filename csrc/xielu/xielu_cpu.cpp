@@ -19,7 +19,7 @@ void forward(const T* x, T* y, int64_t n, const XieluParams& p, int num_threads)
 #endif
   for (int64_t block = 0; block < (n + kBlock - 1) / kBlock; ++block) {
     const int64_t end = std::min(n, (block + 1) * kBlock);
-    for (int64_t i = block * kBlock; i < end; ++i) y[i] = Store<T>::round(xielu_forward(to_float(x[i]), p), false, 0u);
+    for (int64_t i = block * kBlock; i < end; ++i) y[i] = from_float<T>(xielu_forward(to_float(x[i]), p));
   }
 }
 
@@ -37,7 +37,7 @@ std::pair<double, double> backward(const T* grad, const T* x, T* dx, int64_t n, 
     double acc_p = 0.0, acc_n = 0.0;
     for (int64_t i = block * kBlock; i < end; ++i) {
       float d_alpha_p, d_alpha_n;
-      dx[i] = Store<T>::round(xielu_backward(to_float(grad[i]), to_float(x[i]), p, d_alpha_p, d_alpha_n), false, 0u);
+      dx[i] = from_float<T>(xielu_backward(to_float(grad[i]), to_float(x[i]), p, d_alpha_p, d_alpha_n));
       acc_p += d_alpha_p;
       acc_n += d_alpha_n;
     }
