@@ -1,5 +1,5 @@
 // Depth-weighted average (DenseFormer, arXiv 2402.02622): out = sum_k weights[k] * states[k].
-// The element math and the element types shared by the CPU and CUDA kernels.
+// The element math shared by the CPU and CUDA kernels (the element types are in common/dtypes.h).
 //
 // states is K contiguous rows of `numel` elements each (a stacked tensor or the prefix of a
 // preallocated buffer); weights are K fp32 values; every sum is accumulated in fp32 in the order

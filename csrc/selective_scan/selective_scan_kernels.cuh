@@ -517,11 +517,12 @@ __global__ void __launch_bounds__(kThreads, 4) scan_backward_kernel(const ScanAr
     // step even for a chunk of one tile (staging nothing then), and, like pass 2, leaves only after
     // the step that loads what follows it, so the compiler sees each step's inputs dead where unused.
     const int entry_steps = tiles > 1 ? ((tiles - 1) * kTile + kEntryTile - 1) / kEntryTile : 1;
+    const int64_t end = entry_end(chunk, tiles);
     float h[K];
 #pragma unroll
     for (int k = 0; k < K; ++k) h[k] = next_entry[k];
     for (int step = 0;; ++step) {
-      const int64_t t0 = c0 + int64_t(step) * kEntryTile, end = entry_end(chunk, tiles);
+      const int64_t t0 = c0 + int64_t(step) * kEntryTile;
       const bool last = step + 1 >= entry_steps;
       __syncthreads();  // the previous step's values are consumed
       if (step == 0) store_states<K>(my_entry, next_entry);
