@@ -98,11 +98,9 @@ def test_forward_backward(timer, device, impl):
 MODEL = {"vocab_size": 32000, "dim": 768, "n_layers": 48, "n_heads": 12, "max_seq_len": 1024}
 
 
-def test_cuda_train_step(timer):
-    """Both models step in turn: between calls of the GPU check the same step has moved by 44%, so
-    timing them one after the other would compare the card's states, not the models."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
+def train_steps() -> dict:
+    """The DenseFormer's and the same-depth transformer's eager training steps (forward + backward),
+    bf16 on the GPU, B = 8, T = 1024."""
     from fastllm.models import build_model, config_from_dict
 
     ids = torch.randint(0, MODEL["vocab_size"], (8, 1024), device="cuda")
@@ -115,6 +113,13 @@ def test_cuda_train_step(timer):
             torch.nn.functional.cross_entropy(model(ids).flatten(0, 1).float(), ids.flatten()).backward()
         return step
 
-    steps = {"fastllm denseformer": train_step("denseformer", dwa_dilation=4, dwa_period=5),
-             "transformer (same blocks)": train_step("llama")}
-    timer.interleaved(steps, group="train step 48 blocks dim 768 B=8 T=1024 bf16", device="cuda", rounds=10)
+    return {"fastllm denseformer": train_step("denseformer", dwa_dilation=4, dwa_period=5),
+            "transformer (same blocks)": train_step("llama")}
+
+
+def test_cuda_train_step(timer):
+    """Both models step in turn: between calls of the GPU check the same step has moved by 44%, so
+    timing them one after the other would compare the card's states, not the models."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    timer.interleaved(train_steps(), group="train step 48 blocks dim 768 B=8 T=1024 bf16", device="cuda", rounds=10)

@@ -10,6 +10,7 @@
 #   TESTS="tests/ops/test_x.py"     # what the tests part runs (default: the GPU-relevant suites)
 #   BENCH_K="cuda and not compiled" # which op benchmarks run (pytest -k; default: cuda)
 #   ATTN_K="not flex"               # which attention benchmarks run (pytest -k; default: all)
+#   PROFILE="train attention"       # the profile part's workloads (profile_gpu.py's parts)
 #   NCU="mamba:scan_forward_kernel"  # the ncu part's kernels, as profile_gpu.py part:kernel name
 #
 # Parts: build, tests (ops, layers and models whole, gpu-marked tests elsewhere), ops (AdEMAMix,
@@ -29,6 +30,7 @@ ALL_TESTS="tests/ops tests/nn tests/models"
 TESTS=${TESTS:-$ALL_TESTS}
 BENCH_K=${BENCH_K:-cuda}
 ATTN_K=${ATTN_K:-}
+PROFILE=${PROFILE:-"train attention"}
 NCU=${NCU:-"mamba:scan_forward_kernel mamba:scan_backward_kernel mamba:_grad_preactivation_kernel
   mamba:_input_and_weight_grad_kernel dwa:forward_kernel dwa:backward_kernel"}
 mkdir -p "$LOGS"
@@ -88,7 +90,8 @@ if has lm; then  # dense, hash-sparse and QK-dropping LMs at T = 2048: validatio
 fi
 
 if has profile; then  # the top CUDA kernels of the workloads that miss their targets
-  run_limited "$(limit 150)" "$PY" benchmarks/profile_gpu.py > "$LOGS/profile.log" 2>&1 || status=1
+  # shellcheck disable=SC2086
+  run_limited "$(limit 150)" "$PY" benchmarks/profile_gpu.py $PROFILE > "$LOGS/profile.log" 2>&1 || status=1
   grep -v "Warning\|warn" "$LOGS/profile.log" | tail -70
 fi
 

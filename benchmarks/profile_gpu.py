@@ -1,14 +1,15 @@
 """Where the GPU time goes: the top CUDA kernels of the workloads whose targets are not met yet.
 
-    python benchmarks/profile_gpu.py [train] [attention] [mamba] [dwa]
+    python benchmarks/profile_gpu.py [train] [attention] [mamba] [dwa] [denseformer]
 
 train: one 124M training step, fastllm against the plain-PyTorch baseline (bench_train.py's models
 and step). attention: QK-sparse (50% dropped) and hash-sparse (8 buckets) forward + backward at
 T = 16k, with their compaction, sorting and window set-up. mamba: the selective scan and the causal
 conv1d forward + backward at the shapes of bench_selective_scan.py. dwa: the depth-weighted average
-forward + backward at bench_depth_weighted_average.py's shape. Each prints the kernels that take the
-most CUDA time over a few profiled repetitions, after warm-up; under Nsight Compute (the GPU check's
-ncu part) the same launches are what it measures.
+forward + backward at bench_depth_weighted_average.py's shape. denseformer: where the 48-block
+DenseFormer's training step spends more GPU time than the same transformer's. Each prints the
+kernels that take the most CUDA time over a few profiled repetitions, after warm-up; under Nsight
+Compute (the GPU check's ncu part) the same launches are what it measures.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).parent))
 
 
-def top_kernels(title: str, fn, repeats: int = 3, rows: int = 14) -> None:
+def kernel_times(fn, repeats: int = 3) -> dict[str, tuple[float, int]]:
+    """{kernel name: (ms, launches)} per repetition of ``fn``, after warm-up."""
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
@@ -30,12 +32,16 @@ def top_kernels(title: str, fn, repeats: int = 3, rows: int = 14) -> None:
         for _ in range(repeats):
             fn()
         torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.device_time_total > 0]
-    total = sum(e.device_time_total for e in events)
-    print(f"\n== {title}: {total / repeats / 1e3:.3f} ms of CUDA kernels per repetition")
-    for e in sorted(events, key=lambda e: -e.device_time_total)[:rows]:
-        share = e.device_time_total / total
-        print(f"{e.device_time_total / repeats / 1e3:9.3f} ms {share:6.1%} x{e.count // repeats:<4} {e.key[:90]}")
+    return {e.key: (e.device_time_total / repeats / 1e3, e.count // repeats)
+            for e in prof.key_averages() if e.device_time_total > 0}
+
+
+def top_kernels(title: str, fn, repeats: int = 3, rows: int = 14) -> None:
+    times = kernel_times(fn, repeats)
+    total = sum(ms for ms, _ in times.values())
+    print(f"\n== {title}: {total:.3f} ms of CUDA kernels per repetition")
+    for key, (ms, count) in sorted(times.items(), key=lambda kv: -kv[1][0])[:rows]:
+        print(f"{ms:9.3f} ms {ms / total:6.1%} x{count:<4} {key[:90]}")
 
 
 def profile_train() -> None:
@@ -99,7 +105,33 @@ def profile_dwa() -> None:
                 lambda: torch.autograd.grad(depth_weighted_average(states, weights), (states, weights), dout))
 
 
+def profile_denseformer() -> None:
+    """The kernels that the DenseFormer step spends more time in than the same-depth transformer's,
+    and each step's kernel total against its wall time (the rest is the GPU waiting on the host)."""
+    import time
+
+    from bench_depth_weighted_average import train_steps
+
+    steps = train_steps()
+    times, walls = {}, {}
+    for name, step in steps.items():
+        times[name] = kernel_times(step)
+        start = time.perf_counter()
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        walls[name] = (time.perf_counter() - start) / 3 * 1e3
+    (ours, theirs) = times.values()
+    print("\n== 48-block DenseFormer against the same transformer, per training step")
+    for name, kernels in times.items():
+        print(f"{name}: {sum(ms for ms, _ in kernels.values()):.3f} ms of CUDA kernels, {walls[name]:.3f} ms wall")
+    difference = {key: ours.get(key, (0.0, 0))[0] - theirs.get(key, (0.0, 0))[0] for key in ours.keys() | theirs.keys()}
+    for key, ms in sorted(difference.items(), key=lambda kv: -abs(kv[1]))[:14]:
+        print(f"{ms:+9.3f} ms x{ours.get(key, (0, 0))[1]:<4} vs x{theirs.get(key, (0, 0))[1]:<4} {key[:80]}")
+
+
 if __name__ == "__main__":
     parts = sys.argv[1:] or ["train", "attention"]
     for part in parts:
-        {"train": profile_train, "attention": profile_attention, "mamba": profile_mamba, "dwa": profile_dwa}[part]()
+        {"train": profile_train, "attention": profile_attention, "mamba": profile_mamba, "dwa": profile_dwa,
+         "denseformer": profile_denseformer}[part]()
