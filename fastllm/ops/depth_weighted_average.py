@@ -46,19 +46,50 @@ def _warn_no_cuda_kernel(device: torch.device) -> None:
                        + "; using the PyTorch implementation on the GPU meanwhile")
 
 
+def _check(states: object, weights: object) -> None:
+    check_tensor("states", states, dtypes=STATE_DTYPES)
+    check_tensor("weights", weights, dtypes=WEIGHT_DTYPES, ndim=1)
+    if states.dim() == 0:
+        raise ValueError("states must have a leading depth dimension (K, *S), got a 0-dimensional tensor")
+    if weights.shape[0] > states.shape[0]:
+        raise ValueError(f"weights has {weights.shape[0]} entries but states holds only {states.shape[0]} "
+                         "states (dimension 0)")
+    if not states.is_contiguous():
+        raise ValueError(f"states must be contiguous, got strides {states.stride()} for shape "
+                         f"{tuple(states.shape)}")
+    check_same_device([("states", states), ("weights", weights)])
+
+
+def _check_backward(grad_out: object, states: torch.Tensor, weights: torch.Tensor) -> None:
+    """The backward op's inputs: grad_states has the states' shape, so they are exactly the K weighed."""
+    _check(states, weights)
+    if states.shape[0] != weights.shape[0]:
+        raise ValueError(f"states must hold exactly the {weights.shape[0]} weighed states (dimension 0), "
+                         f"got {states.shape[0]}")
+    check_tensor("grad_out", grad_out, dtypes=(states.dtype,))
+    if tuple(grad_out.shape) != tuple(states.shape[1:]):
+        raise ValueError(f"grad_out must have shape {tuple(states.shape[1:])}, got {tuple(grad_out.shape)}")
+    check_same_device([("states", states), ("grad_out", grad_out)])
+
+
+# The registered ops check their own inputs (each implementation, the fake one included): DenseFormer's
+# layer calls them directly, and their kernels index raw pointers by these shapes.
 @torch.library.custom_op("fastllm::depth_weighted_average", mutates_args=())
 def _forward(states: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     # Devices without compiled kernels run the reference.
+    _check(states, weights)
     return depth_weighted_average_reference(states, weights)
 
 
 @_forward.register_fake
 def _(states, weights):
+    _check(states, weights)
     return states.new_empty(states.shape[1:])
 
 
 @_forward.register_kernel("cpu")
 def _(states, weights):
+    _check(states, weights)
     if not (_kernel_applies(states, weights) and _backend.has_cpu_kernels()):
         return depth_weighted_average_reference(states, weights)
     out = states.new_empty(states.shape[1:])
@@ -71,6 +102,7 @@ def _(states, weights):
 
 @_forward.register_kernel("cuda")
 def _(states, weights):
+    _check(states, weights)
     if not _kernel_applies(states, weights):
         return depth_weighted_average_reference(states, weights)
     if not has_cuda_kernel():
@@ -86,11 +118,13 @@ def _(states, weights):
 
 @torch.library.custom_op("fastllm::depth_weighted_average_backward", mutates_args=())
 def _backward(grad_out: torch.Tensor, states: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_backward(grad_out, states, weights)
     return depth_weighted_average_backward_reference(grad_out, states, weights)
 
 
 @_backward.register_fake
 def _(grad_out, states, weights):
+    _check_backward(grad_out, states, weights)
     return torch.empty_like(states), torch.empty_like(weights)
 
 
@@ -100,6 +134,7 @@ def _backward_applies(grad_out: torch.Tensor, states: torch.Tensor, weights: tor
 
 @_backward.register_kernel("cpu")
 def _(grad_out, states, weights):
+    _check_backward(grad_out, states, weights)
     if not (_backward_applies(grad_out, states, weights) and _backend.has_cpu_kernels()):
         return depth_weighted_average_backward_reference(grad_out, states, weights)
     grad_out, weights = grad_out.contiguous(), weights.contiguous()
@@ -113,6 +148,7 @@ def _(grad_out, states, weights):
 
 @_backward.register_kernel("cuda")
 def _(grad_out, states, weights):
+    _check_backward(grad_out, states, weights)
     if not _backward_applies(grad_out, states, weights):
         return depth_weighted_average_backward_reference(grad_out, states, weights)
     if not has_cuda_kernel():
@@ -143,20 +179,6 @@ def _autograd_backward(ctx, grad_out):
 _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
-def _validate(states: object, weights: object) -> None:
-    check_tensor("states", states, dtypes=STATE_DTYPES)
-    check_tensor("weights", weights, dtypes=WEIGHT_DTYPES, ndim=1)
-    if states.dim() == 0:
-        raise ValueError("states must have a leading depth dimension (K, *S), got a 0-dimensional tensor")
-    if weights.shape[0] > states.shape[0]:
-        raise ValueError(f"weights has {weights.shape[0]} entries but states holds only {states.shape[0]} "
-                         "states (dimension 0)")
-    if not states.is_contiguous():
-        raise ValueError(f"states must be contiguous, got strides {states.stride()} for shape "
-                         f"{tuple(states.shape)}")
-    check_same_device([("states", states), ("weights", weights)])
-
-
 def _used_rows(states: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     # Slice only a partly used buffer: autograd's slice backward copies the whole state gradient.
     k = weights.shape[0]
@@ -171,7 +193,7 @@ def depth_weighted_average(states: torch.Tensor, weights: torch.Tensor) -> torch
     weights: (K,) float32 (or float64). Returns (*S) in the states' dtype, fp32-accumulated.
     Differentiable in both arguments.
     """
-    _validate(states, weights)
+    _check(states, weights)  # before slicing, so a short buffer is named as such
     with nvtx_range("fastllm.depth_weighted_average"):
         return _forward(_used_rows(states, weights), weights)
 
@@ -183,10 +205,6 @@ def depth_weighted_average_backward(grad_out: torch.Tensor, states: torch.Tensor
     The single-pass backward on its own, for callers (DenseFormer's in-place buffers) that route the
     state gradients themselves.
     """
-    _validate(states, weights)
-    check_tensor("grad_out", grad_out, dtypes=(states.dtype,))
-    if tuple(grad_out.shape) != tuple(states.shape[1:]):
-        raise ValueError(f"grad_out must have shape {tuple(states.shape[1:])}, got {tuple(grad_out.shape)}")
-    check_same_device([("states", states), ("grad_out", grad_out)])
+    _check(states, weights)
     with nvtx_range("fastllm.depth_weighted_average_backward"):
         return _backward(grad_out, _used_rows(states, weights), weights)

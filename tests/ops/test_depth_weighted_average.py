@@ -190,6 +190,23 @@ def test_bad_grad_out():
         depth_weighted_average_backward(grad_out[:, :4], states, weights)
 
 
+def test_registered_ops_check_their_inputs():
+    """DenseFormer's layer calls the registered ops directly: inputs their kernels would index out of
+    bounds (one more weight than states, a short gradient) are errors there too, not memory faults."""
+    states, weights, grad_out = _inputs(11, 11, (8, 16), torch.float32)
+    longer = torch.randn(12)
+    with pytest.raises(ValueError, match="weights has 12 entries"):
+        torch.ops.fastllm.depth_weighted_average(states, longer)
+    with pytest.raises(ValueError, match="weights has 12 entries"):
+        torch.ops.fastllm.depth_weighted_average_backward(grad_out, states, longer)
+    with pytest.raises(ValueError, match="states must hold exactly the 10"):
+        torch.ops.fastllm.depth_weighted_average_backward(grad_out, states, weights[:10])
+    with pytest.raises(ValueError, match="grad_out"):
+        torch.ops.fastllm.depth_weighted_average_backward(grad_out[:, :15], states, weights)
+    with pytest.raises(TypeError, match="grad_out"):
+        torch.ops.fastllm.depth_weighted_average_backward(grad_out.double(), states, weights)
+
+
 # GPU: vectorised (16-byte) and scalar paths, K beyond one backward launch, determinism.
 GPU_SHAPES = SHAPES + [(8, 8, (3, 1001)), (1030, 1030, (2, 64)), (25, 25, (2, 64, 1024))]
 
