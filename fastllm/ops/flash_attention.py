@@ -148,6 +148,9 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, out, stats, windows, q_order, k_order)
     ctx.causal, ctx.softmax_scale = causal, softmax_scale
     ctx.mark_non_differentiable(stats, k_frame, v_frame)
+    # The non-differentiable outputs' gradients stay None (so the backward runs only with dout):
+    # materialised, they were two zero-filled copies of k and v per sparse step.
+    ctx.set_materialize_grads(False)
 
 
 def _backward_rule(ctx, dout, dstats, dk_frame, dv_frame):
