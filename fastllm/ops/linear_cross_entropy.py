@@ -118,6 +118,7 @@ def _setup_context(ctx, inputs, output):
     _, grad_hidden, grad_weight = output
     ctx.save_for_backward(grad_hidden, grad_weight)
     ctx.mark_non_differentiable(grad_hidden, grad_weight)
+    ctx.set_materialize_grads(False)  # no zero-filled copies of the two gradients in the backward
 
 
 def _backward(ctx, dloss, _dgrad_hidden, _dgrad_weight):
