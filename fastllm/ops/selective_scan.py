@@ -216,12 +216,18 @@ def _setup_context(ctx, inputs, output):
     u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus = inputs
     ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, output[1])
     ctx.delta_softplus = delta_softplus
+    # An unused output's gradient stays None rather than a zero-filled tensor: the chunk states (all
+    # but the last never get one) are 16x the size of the last state.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dout, dchunk_states):
     u, delta, A, B, C, D, z, delta_bias, initial_state, chunk_states = ctx.saved_tensors
+    if dout is None:  # only last_state reached the loss
+        dout = torch.zeros_like(u, memory_format=torch.contiguous_format)
     # Only the last chunk's state is exposed (as last_state); the others never get a gradient.
-    dlast_state = dchunk_states[:, :, -1]
+    dlast_state = (chunk_states.new_zeros(chunk_states[:, :, -1].shape) if dchunk_states is None
+                   else dchunk_states[:, :, -1])
     du, ddelta, dA, dB, dC, dD, dz, dbias, dinit = torch.ops.fastllm.selective_scan_bwd(
         dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, chunk_states, ctx.delta_softplus)
     return (du, ddelta, dA, dB, dC, dD if D is not None else None, dz if z is not None else None,

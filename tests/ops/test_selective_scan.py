@@ -93,6 +93,24 @@ def test_low_precision_inputs(dtype):
     _check(CASES[2], dtype)
 
 
+@pytest.mark.parametrize("used", ["out", "last_state"])
+def test_gradient_through_one_output(used):
+    """Only one output reaches the loss: the other's gradient is None (not materialised as zeros)."""
+    inputs, softplus = make_inputs(2, 5, 90, 8, groups=1)
+    results = [run(fn, inputs, softplus, dtype, grad=True) for fn, dtype in
+               ((selective_scan, None), (selective_scan_reference, torch.float64), (selective_scan_reference, None))]
+    weight = torch.randn(results[0][0 if used == "out" else 1].shape, dtype=torch.float64)
+    for out, last, _ in results:
+        ((out if used == "out" else last).double() * weight).sum().backward()
+    (_, _, leaves), (_, _, ref_leaves), (_, _, base_leaves) = results
+    for name in NAMES:
+        if ref_leaves[name].grad is None:  # D and z do not reach the last state
+            assert leaves[name].grad is None or not leaves[name].grad.any(), name
+            continue
+        assert_error_ratio(f"d{name}", leaves[name].grad, ref_leaves[name].grad, base_leaves[name].grad,
+                           factor=BACKWARD_FACTOR)
+
+
 def test_return_last_state_off_and_no_optional_inputs():
     inputs, _ = make_inputs(2, 4, 33, 8, z=False, D=False, bias=False, initial=False, softplus=False)
     out = selective_scan(inputs["u"], inputs["delta"], inputs["A"], inputs["B"], inputs["C"])
