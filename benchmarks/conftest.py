@@ -7,8 +7,9 @@ relative to the fastllm implementation of that group. ``--results-json PATH`` al
 On CUDA a call's time is its device time: CUDA events around the call, with the GPU kept busy by a
 spin kernel while Python dispatches it, so the host's dispatch overlaps the GPU as it does in a
 training loop (the view of ``triton.testing.do_bench``). The host's own time per call is reported
-beside it ("host ms"): a call costs the larger of the two when nothing else hides its dispatch.
-On the CPU a call's time is its wall time.
+beside it ("host ms"): a call costs the larger of the two when nothing else hides its dispatch
+(a call that waits for the GPU inside it counts the spin kernel there too). On the CPU a call's
+time is its wall time.
 """
 
 from __future__ import annotations
