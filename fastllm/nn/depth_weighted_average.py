@@ -94,8 +94,8 @@ class DWAPass:
     def _store(self, i: int, x: torch.Tensor) -> None:
         r = i % self.dwa.dilation
         if r in self.buffers and i <= self.dwa.last_read[r]:
-            with torch.no_grad():
-                self.buffers[r][i // self.dwa.dilation].copy_(x)
+            # A detached source: the buffer stays out of the autograd graph (the DWA routes gradients).
+            self.buffers[r][i // self.dwa.dilation].copy_(x.detach())
             self.stored[r].append(x)
 
     def after_block(self, i: int, x: torch.Tensor) -> torch.Tensor:
