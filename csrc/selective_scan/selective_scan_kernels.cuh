@@ -376,17 +376,19 @@ struct BackwardShared {
   static constexpr int kReducePitch = kThreads * K + 4;  // + 4: the positions of a warp's reads hit distinct banks
   // Pass 2's scratch (grad_bu .. reduce), which pass 1 stages its longer tile in.
   static constexpr int kScratch = 3 * kParts + 2 * kTile * kBcPitch + kTile * kReducePitch;
-  // Pass 1's tile of `tile` positions: whether its staging fits the scratch, and its inputs (delta, u,
-  // B) at most 20 registers per thread, as they are loaded while the tile before it is walked.
+  // Pass 1's tile of `tile` positions: whether its staging (delta', u per channel; B) fits the scratch,
+  // and whether its inputs also take at most 20 registers per thread, as they are loaded while the
+  // tile before it is walked.
+  static constexpr bool entry_stage_fits(int tile) {
+    return 2 * Lay::kChannels * (tile + 1) + tile * kBcPitch <= kScratch;
+  }
   static constexpr bool entry_tile_fits(int tile) {
-    return 2 * Lay::kChannels * (tile + 1) + tile * kBcPitch <= kScratch &&
-           (2 * Lay::kChannels + Lay::kPadded) * tile <= 20 * kThreads;
+    return entry_stage_fits(tile) && (2 * Lay::kChannels + Lay::kPadded) * tile <= 20 * kThreads;
   }
   // Positions per pass-1 tile: the longest that fits (32 at N = 16).
   static constexpr int kEntryTile = entry_tile_fits(32) ? 32 : entry_tile_fits(16) ? 16 : kTile;
   static constexpr int kEntryPitch = kEntryTile + 1;
-  static_assert(kEntryTile <= kCudaScanChunk && kEntryTile % kTile == 0 &&
-                    2 * Lay::kChannels * (kEntryTile + 1) + kEntryTile * kBcPitch <= kScratch,
+  static_assert(kEntryTile <= kCudaScanChunk && kEntryTile % kTile == 0 && entry_stage_fits(kEntryTile),
                 "pass 1's tile fits the scratch and covers whole pass-2 tiles");
   static_assert(Lay::kChannels * kEntryPitch % 4 == 0, "pass 1's B rows start 16-byte aligned");
 
