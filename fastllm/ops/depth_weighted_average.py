@@ -193,7 +193,7 @@ def depth_weighted_average(states: torch.Tensor, weights: torch.Tensor) -> torch
     weights: (K,) float32 (or float64). Returns (*S) in the states' dtype, fp32-accumulated.
     Differentiable in both arguments.
     """
-    _check(states, weights)  # before slicing, so a short buffer is named as such
+    _check(states, weights)  # before slicing, which needs tensors (the op checks its slice again)
     with nvtx_range("fastllm.depth_weighted_average"):
         return _forward(_used_rows(states, weights), weights)
 
