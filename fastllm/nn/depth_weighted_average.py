@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-import fastllm.ops  # noqa: F401  (registers torch.ops.fastllm.depth_weighted_average*)
+from fastllm.ops import depth_weighted_average, depth_weighted_average_backward
 
 
 class _BufferedDWA(torch.autograd.Function):
@@ -21,9 +21,6 @@ class _BufferedDWA(torch.autograd.Function):
     ``states`` are the tensors that were copied into buffer[:K]; they are inputs only so that autograd
     routes their gradients. The buffer is kept on ctx rather than saved: its later slots are written
     after this call (bumping its version counter), but slots < K never change again.
-
-    The registered ops are called directly: the model builds valid inputs, and torch.compile traces
-    autograd.Function bodies strictly.
     """
 
     @staticmethod
@@ -31,13 +28,12 @@ class _BufferedDWA(torch.autograd.Function):
         used = buffer[: len(states)]
         ctx.used = used
         ctx.save_for_backward(weights)
-        return torch.ops.fastllm.depth_weighted_average(used, weights)
+        return depth_weighted_average(used, weights)
 
     @staticmethod
     def backward(ctx, grad_out):
         (weights,) = ctx.saved_tensors
-        grad_states, grad_weights = torch.ops.fastllm.depth_weighted_average_backward(
-            grad_out.contiguous(), ctx.used, weights)
+        grad_states, grad_weights = depth_weighted_average_backward(grad_out, ctx.used, weights)
         return (grad_weights, None, *grad_states.unbind(0))
 
 

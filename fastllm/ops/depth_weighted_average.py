@@ -10,7 +10,9 @@ and the states (``fastllm::depth_weighted_average_backward``). On CUDA the weigh
 per block into a workspace and then per state in a fixed order: no atomics, bitwise reproducible.
 
 Kernels: CUDA and C++ (OpenMP) for float32, bfloat16 and float16 states with float32 weights;
-float64 (the tests' oracle) and float64 weights run the reference.
+float64 (the tests' oracle) and float64 weights run the reference. In eager mode with no autograd to
+record, the public functions run them without the dispatcher (``_backend.may_skip_dispatcher``):
+DenseFormer makes 18 such calls per training step.
 """
 
 from __future__ import annotations
@@ -72,13 +74,62 @@ def _check_backward(grad_out: object, states: torch.Tensor, weights: torch.Tenso
     check_same_device([("states", states), ("grad_out", grad_out)])
 
 
-# The registered ops check their own inputs (each implementation, the fake one included): DenseFormer's
-# layer calls them directly, and their kernels index raw pointers by these shapes.
+def _kernel_device(states: torch.Tensor, weights: torch.Tensor) -> str | None:
+    """'cpu' or 'cuda' where a compiled kernel runs the op on these inputs; None for the reference."""
+    if not _kernel_applies(states, weights):
+        return None
+    if states.device.type == "cpu" and _backend.has_cpu_kernels():
+        return "cpu"
+    if states.device.type == "cuda":
+        if has_cuda_kernel():
+            return "cuda"
+        _warn_no_cuda_kernel(states.device)
+    return None
+
+
+def _forward_impl(states: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The op on checked inputs."""
+    device = _kernel_device(states, weights)
+    if device is None:
+        return depth_weighted_average_reference(states, weights)
+    weights = weights.contiguous()
+    out = states.new_empty(states.shape[1:])
+    args = (states.data_ptr(), weights.data_ptr(), out.data_ptr(), out.numel(), weights.shape[0],
+            _backend.DTYPE_CODES[states.dtype])
+    if device == "cpu":
+        _backend._C.depth_weighted_average_forward_cpu(*args, _backend.cpu_threads())
+    else:
+        _backend._C.depth_weighted_average_forward_cuda(*args, states.device.index, _backend.cuda_stream(states.device))
+    return out
+
+
+def _backward_impl(grad_out: torch.Tensor, states: torch.Tensor,
+                   weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backward op on checked inputs."""
+    device = _kernel_device(states, weights) if grad_out.dtype == states.dtype else None
+    if device is None:
+        return depth_weighted_average_backward_reference(grad_out, states, weights)
+    grad_out, weights = grad_out.contiguous(), weights.contiguous()
+    grad_states, grad_weights = torch.empty_like(states), torch.empty_like(weights)
+    numel, num_states, code = grad_out.numel(), weights.shape[0], _backend.DTYPE_CODES[states.dtype]
+    pointers = (grad_out.data_ptr(), states.data_ptr(), weights.data_ptr(), grad_states.data_ptr(),
+                grad_weights.data_ptr())
+    if device == "cpu":
+        _backend._C.depth_weighted_average_backward_cpu(*pointers, numel, num_states, code, _backend.cpu_threads())
+    else:
+        workspace = torch.empty(_backend._C.depth_weighted_average_cuda_workspace(numel, num_states, code),
+                                dtype=torch.float32, device=states.device)
+        _backend._C.depth_weighted_average_backward_cuda(*pointers, workspace.data_ptr(), numel, num_states, code,
+                                                         states.device.index, _backend.cuda_stream(states.device))
+    return grad_states, grad_weights
+
+
+# The registered ops check their own inputs (the fake implementations too): their kernels index raw
+# pointers by these shapes, and torch.ops.fastllm.* can be called by anyone.
 @torch.library.custom_op("fastllm::depth_weighted_average", mutates_args=())
 def _forward(states: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    # Devices without compiled kernels run the reference.
     _check(states, weights)
-    return depth_weighted_average_reference(states, weights)
+    return _forward_impl(states, weights)
 
 
 @_forward.register_fake
@@ -87,83 +138,16 @@ def _(states, weights):
     return states.new_empty(states.shape[1:])
 
 
-@_forward.register_kernel("cpu")
-def _(states, weights):
-    _check(states, weights)
-    if not (_kernel_applies(states, weights) and _backend.has_cpu_kernels()):
-        return depth_weighted_average_reference(states, weights)
-    out = states.new_empty(states.shape[1:])
-    weights = weights.contiguous()
-    _backend._C.depth_weighted_average_forward_cpu(
-        states.data_ptr(), weights.data_ptr(), out.data_ptr(), out.numel(), weights.shape[0],
-        _backend.DTYPE_CODES[states.dtype], _backend.cpu_threads())
-    return out
-
-
-@_forward.register_kernel("cuda")
-def _(states, weights):
-    _check(states, weights)
-    if not _kernel_applies(states, weights):
-        return depth_weighted_average_reference(states, weights)
-    if not has_cuda_kernel():
-        _warn_no_cuda_kernel(states.device)
-        return depth_weighted_average_reference(states, weights)
-    out = states.new_empty(states.shape[1:])
-    weights = weights.contiguous()
-    _backend._C.depth_weighted_average_forward_cuda(
-        states.data_ptr(), weights.data_ptr(), out.data_ptr(), out.numel(), weights.shape[0],
-        _backend.DTYPE_CODES[states.dtype], states.device.index, _backend.cuda_stream(states.device))
-    return out
-
-
 @torch.library.custom_op("fastllm::depth_weighted_average_backward", mutates_args=())
 def _backward(grad_out: torch.Tensor, states: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     _check_backward(grad_out, states, weights)
-    return depth_weighted_average_backward_reference(grad_out, states, weights)
+    return _backward_impl(grad_out, states, weights)
 
 
 @_backward.register_fake
 def _(grad_out, states, weights):
     _check_backward(grad_out, states, weights)
     return torch.empty_like(states), torch.empty_like(weights)
-
-
-def _backward_applies(grad_out: torch.Tensor, states: torch.Tensor, weights: torch.Tensor) -> bool:
-    return _kernel_applies(states, weights) and grad_out.dtype == states.dtype
-
-
-@_backward.register_kernel("cpu")
-def _(grad_out, states, weights):
-    _check_backward(grad_out, states, weights)
-    if not (_backward_applies(grad_out, states, weights) and _backend.has_cpu_kernels()):
-        return depth_weighted_average_backward_reference(grad_out, states, weights)
-    grad_out, weights = grad_out.contiguous(), weights.contiguous()
-    grad_states, grad_weights = torch.empty_like(states), torch.empty_like(weights)
-    _backend._C.depth_weighted_average_backward_cpu(
-        grad_out.data_ptr(), states.data_ptr(), weights.data_ptr(), grad_states.data_ptr(),
-        grad_weights.data_ptr(), grad_out.numel(), weights.shape[0], _backend.DTYPE_CODES[states.dtype],
-        _backend.cpu_threads())
-    return grad_states, grad_weights
-
-
-@_backward.register_kernel("cuda")
-def _(grad_out, states, weights):
-    _check_backward(grad_out, states, weights)
-    if not _backward_applies(grad_out, states, weights):
-        return depth_weighted_average_backward_reference(grad_out, states, weights)
-    if not has_cuda_kernel():
-        _warn_no_cuda_kernel(states.device)
-        return depth_weighted_average_backward_reference(grad_out, states, weights)
-    grad_out, weights = grad_out.contiguous(), weights.contiguous()
-    grad_states, grad_weights = torch.empty_like(states), torch.empty_like(weights)
-    numel, num_states, code = grad_out.numel(), weights.shape[0], _backend.DTYPE_CODES[states.dtype]
-    workspace = torch.empty(_backend._C.depth_weighted_average_cuda_workspace(numel, num_states, code),
-                            dtype=torch.float32, device=states.device)
-    _backend._C.depth_weighted_average_backward_cuda(
-        grad_out.data_ptr(), states.data_ptr(), weights.data_ptr(), grad_states.data_ptr(),
-        grad_weights.data_ptr(), workspace.data_ptr(), numel, num_states, code, states.device.index,
-        _backend.cuda_stream(states.device))
-    return grad_states, grad_weights
 
 
 def _setup_context(ctx, inputs, output):
@@ -193,8 +177,14 @@ def depth_weighted_average(states: torch.Tensor, weights: torch.Tensor) -> torch
     weights: (K,) float32 (or float64). Returns (*S) in the states' dtype, fp32-accumulated.
     Differentiable in both arguments.
     """
-    _check(states, weights)  # before slicing, which needs tensors (the op checks its slice again)
+    if torch.compiler.is_compiling():
+        # The op's fake implementation checks the inputs. Here the checks would read their layouts,
+        # which tracing an autograd.Function's backward (DenseFormer's) forbids.
+        return _forward(_used_rows(states, weights), weights)
+    _check(states, weights)
     with nvtx_range("fastllm.depth_weighted_average"):
+        if _backend.may_skip_dispatcher(states, weights):
+            return _forward_impl(states, weights)
         return _forward(_used_rows(states, weights), weights)
 
 
@@ -205,6 +195,12 @@ def depth_weighted_average_backward(grad_out: torch.Tensor, states: torch.Tensor
     The single-pass backward on its own, for callers (DenseFormer's in-place buffers) that route the
     state gradients themselves.
     """
-    _check(states, weights)
-    with nvtx_range("fastllm.depth_weighted_average_backward"):
+    if torch.compiler.is_compiling():  # checked by the op's fake implementation, as above
         return _backward(grad_out, _used_rows(states, weights), weights)
+    _check(states, weights)
+    used = _used_rows(states, weights)
+    _check_backward(grad_out, used, weights)
+    with nvtx_range("fastllm.depth_weighted_average_backward"):
+        if _backend.may_skip_dispatcher(grad_out, used, weights):
+            return _backward_impl(grad_out, used, weights)
+        return _backward(grad_out, used, weights)

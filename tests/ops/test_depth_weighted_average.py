@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import importlib
 
 import pytest
 import torch
@@ -191,8 +192,8 @@ def test_bad_grad_out():
 
 
 def test_registered_ops_check_their_inputs():
-    """DenseFormer's layer calls the registered ops directly: inputs their kernels would index out of
-    bounds (one more weight than states, a short gradient) are errors there too, not memory faults."""
+    """Anyone can call torch.ops.fastllm.*: inputs their kernels would index out of bounds (one more
+    weight than states, a short gradient) are errors there too, not memory faults."""
     states, weights, grad_out = _inputs(11, 11, (8, 16), torch.float32)
     longer = torch.randn(12)
     with pytest.raises(ValueError, match="weights has 12 entries"):
@@ -205,6 +206,42 @@ def test_registered_ops_check_their_inputs():
         torch.ops.fastllm.depth_weighted_average_backward(grad_out[:, :15], states, weights)
     with pytest.raises(TypeError, match="grad_out"):
         torch.ops.fastllm.depth_weighted_average_backward(grad_out.double(), states, weights)
+
+
+def test_eager_calls_skip_the_dispatcher_only_when_nothing_must_see_the_op(monkeypatch):
+    """Without autograd to record, eager calls run the implementation directly; with it, or under a
+    dispatch mode (or torch.compile, above), they go through the registered ops. Same results."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    states, weights, grad_out = _inputs(6, 5, (3, 17), torch.float32)
+    direct = (depth_weighted_average(states, weights), *depth_weighted_average_backward(grad_out, states, weights))
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        through_ops = (depth_weighted_average(states, weights),
+                       *depth_weighted_average_backward(grad_out, states, weights))
+    assert {"fastllm.depth_weighted_average", "fastllm.depth_weighted_average_backward"} <= set(seen)
+    for a, b in zip(direct, through_ops):
+        assert torch.equal(a, b)
+
+    def unreachable(*args):
+        raise AssertionError("called the registered op")
+
+    dwa_module = importlib.import_module("fastllm.ops.depth_weighted_average")
+    monkeypatch.setattr(dwa_module, "_forward", unreachable)
+    monkeypatch.setattr(dwa_module, "_backward", unreachable)
+    assert torch.equal(depth_weighted_average(states, weights), direct[0])
+    assert torch.equal(depth_weighted_average_backward(grad_out, states, weights)[0], direct[1])
+    with pytest.raises(AssertionError, match="registered op"):
+        depth_weighted_average(states, weights.requires_grad_(True))
+    with torch.no_grad():
+        assert torch.equal(depth_weighted_average(states, weights), direct[0])
 
 
 # GPU: vectorised (16-byte) and scalar paths, K beyond one backward launch, determinism.
