@@ -1,4 +1,5 @@
-"""Helpers shared by tests and benchmarks: poisoned outputs and the error-ratio acceptance rule.
+"""Helpers shared by tests and benchmarks: poisoned outputs, the error-ratio acceptance rule, a recorder of
+dispatched ops.
 
 The rule: a kernel is accepted when its error against an fp64 (or fp32) reference is at most
 ``factor`` times the error of the same-precision PyTorch implementation (2x forward, 3x backward),
@@ -10,6 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 def requires_cuda(test):
     """Marks a test that needs a CUDA device: skipped (and reported as skipped) without one."""
@@ -61,3 +63,16 @@ def assert_error_ratio(name: str, value: torch.Tensor, reference: torch.Tensor, 
     if not err <= factor * base + floor:
         raise AssertionError(f"{name}: error {err:.3e} exceeds {factor} x baseline error {base:.3e} "
                              f"+ floor {floor:.1e}")
+
+
+class DispatchedOps(TorchDispatchMode):
+    """Inside ``with DispatchedOps() as seen:``, ``seen.ops`` lists the name of every op that reaches the
+    dispatcher ("fastllm.depth_weighted_average", "aten.add", ...), in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))

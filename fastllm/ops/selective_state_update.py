@@ -6,7 +6,8 @@ per-position math (csrc/selective_scan/selective_scan.h), so stepping through a 
 ``selective_scan``. x, dt, z, B, C share one dtype (float32, float16, bfloat16); A, D, dt_bias and
 the state are float32 (half-precision A, D, dt_bias are cast). float64 (and FASTLLM_BACKEND=reference)
 runs the pure-PyTorch reference.
-Inference only: not differentiable.
+Inference only: not differentiable. Eager calls with no autograd to record skip the dispatcher
+(``_backend.may_skip_dispatcher``), whose Python costs about as much as a small step's kernel.
 """
 
 from __future__ import annotations
@@ -35,37 +36,33 @@ def _launch(launch, state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
     return out
 
 
+def _update_impl(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
+    """The op: the compiled kernel of the inputs' device, else the reference."""
+    if _kernel_ok(state, x, A, D, dt_bias):
+        if x.device.type == "cpu" and _backend.has_cpu_kernels():
+            launch = lambda *a: _backend._C.selective_state_update_cpu(*a, _backend.cpu_threads())  # noqa: E731
+            return _launch(launch, state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+        if x.device.type == "cuda":
+            if _backend._C is not None and hasattr(_backend._C, "selective_state_update_cuda"):
+                stream = _backend.cuda_stream(x.device)
+                launch = lambda *a: _backend._C.selective_state_update_cuda(*a, x.device.index, stream)  # noqa: E731
+                return _launch(launch, state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+            _backend.warn_once("selective_state_update_cuda",
+                               _backend.missing_kernel_message("selective_state_update", x.device)
+                               + "; using the PyTorch implementation on the GPU meanwhile")
+    return selective_state_update_reference(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+
+
 @torch.library.custom_op("fastllm::selective_state_update_", mutates_args=("state",))
 def _state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                   C: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None, dt_bias: torch.Tensor | None,
                   dt_softplus: bool) -> torch.Tensor:
-    return selective_state_update_reference(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+    return _update_impl(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
 
 
 @_state_update.register_fake
 def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-@_state_update.register_kernel("cpu")
-def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
-    if _kernel_ok(state, x, A, D, dt_bias) and _backend.has_cpu_kernels():
-        launch = lambda *a: _backend._C.selective_state_update_cpu(*a, _backend.cpu_threads())  # noqa: E731
-        return _launch(launch, state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
-    return selective_state_update_reference(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
-
-
-@_state_update.register_kernel("cuda")
-def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
-    if _kernel_ok(state, x, A, D, dt_bias):
-        if _backend._C is not None and hasattr(_backend._C, "selective_state_update_cuda"):
-            stream = _backend.cuda_stream(x.device)
-            launch = lambda *a: _backend._C.selective_state_update_cuda(*a, x.device.index, stream)  # noqa: E731
-            return _launch(launch, state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
-        _backend.warn_once("selective_state_update_cuda",
-                           _backend.missing_kernel_message("selective_state_update", x.device)
-                           + "; using the PyTorch implementation on the GPU meanwhile")
-    return selective_state_update_reference(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
 
 
 def _validate(state, x, dt, A, B, C, D, z, dt_bias):
@@ -117,7 +114,10 @@ def selective_state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tenso
     """
     _validate(state, x, dt, A, B, C, D, z, dt_bias)
     A, D, dt_bias = map(as_float32_param, (A, D, dt_bias))
-    grouped = B.dim() == 3
+    if B.dim() == 2:
+        B, C = B.unsqueeze(1), C.unsqueeze(1)
+    args = (state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus))
     with nvtx_range("fastllm.selective_state_update"):
-        return _state_update(state, x, dt, A, B if grouped else B.unsqueeze(1), C if grouped else C.unsqueeze(1),
-                             D, z, dt_bias, bool(dt_softplus))
+        if _backend.may_skip_dispatcher(*(t for t in args[:-1] if t is not None)):
+            return _update_impl(*args)
+        return _state_update(*args)

@@ -19,7 +19,14 @@ from fastllm.ops.depth_weighted_average_ref import (
     depth_weighted_average_backward_reference,
     depth_weighted_average_reference,
 )
-from fastllm.testing import BACKWARD_FACTOR, assert_error_ratio, misaligned, poison_, requires_cuda
+from fastllm.testing import (
+    BACKWARD_FACTOR,
+    DispatchedOps,
+    assert_error_ratio,
+    misaligned,
+    poison_,
+    requires_cuda,
+)
 
 # (rows in the buffer, K used, state shape): K = 1, odd sizes, a partly filled buffer, 0 elements.
 SHAPES = [
@@ -211,22 +218,12 @@ def test_registered_ops_check_their_inputs():
 def test_eager_calls_skip_the_dispatcher_only_when_nothing_must_see_the_op(monkeypatch):
     """Without autograd to record, eager calls run the implementation directly; with it, or under a
     dispatch mode (or torch.compile, above), they go through the registered ops. Same results."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     states, weights, grad_out = _inputs(6, 5, (3, 17), torch.float32)
     direct = (depth_weighted_average(states, weights), *depth_weighted_average_backward(grad_out, states, weights))
-
-    seen = []
-
-    class Record(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            seen.append(str(func.overloadpacket))
-            return func(*args, **(kwargs or {}))
-
-    with Record():
+    with DispatchedOps() as seen:
         through_ops = (depth_weighted_average(states, weights),
                        *depth_weighted_average_backward(grad_out, states, weights))
-    assert {"fastllm.depth_weighted_average", "fastllm.depth_weighted_average_backward"} <= set(seen)
+    assert {"fastllm.depth_weighted_average", "fastllm.depth_weighted_average_backward"} <= set(seen.ops)
     for a, b in zip(direct, through_ops):
         assert torch.equal(a, b)
 

@@ -1,4 +1,5 @@
 import ctypes
+import importlib
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ from fastllm.ops.selective_scan import selective_scan
 from fastllm.ops.selective_scan_ref import selective_scan_reference
 from fastllm.ops.selective_state_update import _launch, selective_state_update
 from fastllm.ops.selective_state_update_ref import selective_state_update_reference
-from fastllm.testing import assert_error_ratio, requires_cuda
+from fastllm.testing import DispatchedOps, assert_error_ratio, requires_cuda
 
 
 def make_sequence(batch, dim, length, nstate, groups=None, dtype=torch.float32, device="cpu"):
@@ -87,6 +88,26 @@ def test_torch_compile_fullgraph():
     out_b = step_through(selective_state_update, s, state_b)
     torch.testing.assert_close(out_a, out_b)
     torch.testing.assert_close(state_a, state_b)
+
+
+def test_eager_steps_skip_the_dispatcher_only_when_nothing_must_see_the_op(monkeypatch):
+    s = make_sequence(2, 4, 3, 8, groups=2)
+    state_direct, state_ops = s["initial_state"].clone(), s["initial_state"].clone()
+    direct = step_through(selective_state_update, s, state_direct)
+    with DispatchedOps() as seen:
+        through_ops = step_through(selective_state_update, s, state_ops)
+    assert seen.ops.count("fastllm.selective_state_update_") == 3
+    assert torch.equal(direct, through_ops) and torch.equal(state_direct, state_ops)
+
+    def unreachable(*args):
+        raise AssertionError("called the registered op")
+
+    monkeypatch.setattr(importlib.import_module("fastllm.ops.selective_state_update"), "_state_update", unreachable)
+    state = s["initial_state"].clone()
+    assert torch.equal(step_through(selective_state_update, s, state), direct)
+    s["D"].requires_grad_(True)  # autograd would have to see the op, which has no backward
+    with pytest.raises(AssertionError, match="registered op"):
+        step_through(selective_state_update, s, state)
 
 
 def test_bad_inputs():
