@@ -119,5 +119,8 @@ def selective_state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tenso
     args = (state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus))
     with nvtx_range("fastllm.selective_state_update"):
         if _backend.may_skip_dispatcher(*(t for t in args[:-1] if t is not None)):
-            return _update_impl(*args)
+            out = _update_impl(*args)
+            # As the dispatcher does for a mutated argument: autograd then rejects stale saved copies of it.
+            torch.autograd.graph.increment_version(state)
+            return out
         return _state_update(*args)

@@ -105,6 +105,7 @@ def test_eager_steps_skip_the_dispatcher_only_when_nothing_must_see_the_op(monke
     monkeypatch.setattr(importlib.import_module("fastllm.ops.selective_state_update"), "_state_update", unreachable)
     state = s["initial_state"].clone()
     assert torch.equal(step_through(selective_state_update, s, state), direct)
+    assert state._version >= 3  # each in-place update is visible to autograd's checks
     s["D"].requires_grad_(True)  # autograd would have to see the op, which has no backward
     with pytest.raises(AssertionError, match="registered op"):
         step_through(selective_state_update, s, state)
