@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -149,3 +151,19 @@ def test_torch_compile_fullgraph_matches_eager():
     compiled(ids).square().mean().backward()
     for name, param in model.named_parameters():
         torch.testing.assert_close(param.grad, eager[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_eager_step_runs_the_dwa_kernels_without_the_dispatcher(monkeypatch):
+    """The DWA Function calls the kernels directly in eager mode: the dispatcher would cost more than
+    small DWAs do (benchmarks/bench_depth_weighted_average.py, test_cpu_train_step_dispatch)."""
+    model = denseformer(2, 1)
+    randomize_dwa(model)
+
+    def unreachable(*args):
+        raise AssertionError("went through the dispatcher")
+
+    dwa_ops = importlib.import_module("fastllm.ops.depth_weighted_average")
+    monkeypatch.setattr(dwa_ops, "_forward", unreachable)
+    monkeypatch.setattr(dwa_ops, "_backward", unreachable)
+    model(torch.randint(0, 97, (2, 7))).square().mean().backward()
+    assert all(w.grad is not None and w.grad.abs().sum() > 0 for w in model.dwa.weights.values())
