@@ -81,7 +81,13 @@ if has tests; then
 fi
 has ops && bench ops 200 benchmarks -k "$BENCH_K" --ignore=benchmarks/bench_flash_attention.py \
   --ignore=benchmarks/bench_train.py --ignore=benchmarks/bench_mamba_generation.py
-has attention && bench attention 240 benchmarks/bench_flash_attention.py ${ATTN_K:+-k "$ATTN_K"}
+if has attention; then  # -s and TRITON_PRINT_AUTOTUNING: the log names the config each kernel's tuning chose
+  export TRITON_PRINT_AUTOTUNING=1
+  bench attention 240 benchmarks/bench_flash_attention.py -s ${ATTN_K:+-k "$ATTN_K"}
+  unset TRITON_PRINT_AUTOTUNING
+  grep -A3 --no-group-separator "^Triton autotuning for function" "$LOGS/attention.log" | paste -d' ' - - - - |
+    sed 's/Triton autotuning for function //' | cut -c1-230 | head -40
+fi
 has train && bench train 240 benchmarks/bench_train.py benchmarks/bench_mamba_generation.py -k cuda
 
 if has lm; then  # dense, hash-sparse and QK-dropping LMs at T = 2048: validation loss and tokens/s
