@@ -4,13 +4,13 @@
 
 Compiles every autotune config of the forward, dK/dV and dQ kernels (triton_kernels/flash_attention.py)
 ahead of time for an sm_80 or sm_90 target, with the specialisations the JIT makes on a GPU (16-byte
-aligned pointers, strides and T divisible by 16), and prints per config: registers per thread, stack
-bytes per thread (cuobjdump; register spills, when there are any), shared memory, how many loads
-the software pipeliner turned into asynchronous copies, and how many copy groups its loops leave in
-flight while they compute ("wait": the largest count of the waits on copies; 0 means each tile's
-loads are waited for as soon as they are issued, with no overlap). A config that spills is one the autotuner is
-unlikely to pick; the numbers come from this machine's Triton, which may allocate registers
-differently from the GPU machine's.
+aligned pointers, strides and T divisible by 16), and prints per config: its register cap ("cap", if
+any), registers per thread, stack bytes per thread (cuobjdump; register spills, when there are any),
+shared memory, how many loads the software pipeliner turned into asynchronous copies, and how many
+copy groups its loops leave in flight while they compute ("wait": the largest count of the waits on
+copies; 0 means each tile's loads are waited for as soon as they are issued, with no overlap). A
+config that spills is one the autotuner is unlikely to pick; the numbers come from this machine's
+Triton, which may allocate registers differently from the GPU machine's.
 """
 
 from __future__ import annotations
@@ -62,9 +62,11 @@ def signature(kernel, constexprs: dict) -> tuple[dict, dict, dict]:
 def resources(kernel, config: triton.Config, arch: int, head_dim: int, mode: int) -> dict:
     constexprs = dict(HEAD_DIM=head_dim, MODE=mode, IEEE=False, **config.kwargs)
     types, constants, attrs = signature(kernel, constexprs)
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    if config.maxnreg is not None:
+        options["maxnreg"] = config.maxnreg
     compiled = triton.compile(ASTSource(fn=kernel, signature=types, constexprs=constants, attrs=attrs),
-                              target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+                              target=GPUTarget("cuda", arch, 32), options=options)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
         cubin.flush()
@@ -79,19 +81,22 @@ def resources(kernel, config: triton.Config, arch: int, head_dim: int, mode: int
 
 def report(arch: int, kernels: list[str], head_dims: list[int], modes: list[int]) -> list[dict]:
     rows = []
-    print(f"{'kernel':6} {'D':>4} {'mode':>4} {'BLOCK_M x N':>12} {'warps':>5} {'stages':>6} "
+    print(f"{'kernel':6} {'D':>4} {'mode':>4} {'BLOCK_M x N':>12} {'warps':>5} {'stages':>6} {'cap':>4} "
           f"{'regs':>5} {'stack':>6} {'smem KiB':>8} {'async':>5} {'wait':>4}")
     for name in kernels:
         kernel, tuned, short = KERNELS[name]
-        configs = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages): c for c in short + tuned}
+        configs = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, c.maxnreg): c
+                   for c in short + tuned}
         for head_dim in head_dims:
             for mode in modes:
-                for (m, n, warps, stages), config in configs.items():
+                for (m, n, warps, stages, cap), config in configs.items():
+                    if cap is not None and head_dim > fa.REGISTER_CAP_HEAD_DIM:
+                        continue  # not among that head dim's configs
                     row = dict(kernel=name, head_dim=head_dim, mode=mode, block=(m, n), warps=warps, stages=stages,
-                               **resources(kernel, config, arch, head_dim, mode))
+                               cap=cap, **resources(kernel, config, arch, head_dim, mode))
                     rows.append(row)
                     print(f"{name:6} {head_dim:>4} {mode:>4} {f'{m} x {n}':>12} {warps:>5} {stages:>6} "
-                          f"{row['regs']:>5} {row['stack']:>6} {row['shared'] / 1024:>8.1f} "
+                          f"{cap or '-':>4} {row['regs']:>5} {row['stack']:>6} {row['shared'] / 1024:>8.1f} "
                           f"{row['async_copies']:>5} {row['wait']:>4}", flush=True)
     return rows
 

@@ -49,10 +49,12 @@ _INTERPRETED = tl.constexpr(INTERPRET)
 LOG2E = 1.4426950408889634
 
 
-def _configs(shapes: list[tuple[int, int, int, int]]) -> list[triton.Config]:
+def _configs(shapes: list[tuple[int, ...]]) -> list[triton.Config]:
+    """(BLOCK_M, BLOCK_N, warps, stages[, register cap per thread]) each."""
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s, maxnreg=cap[0] if cap else None)
+            for m, n, w, s, *cap in shapes]
 
 
 # (BLOCK_M, BLOCK_N, warps, stages) for sm_80 / sm_90; BLOCK_M tiles queries, BLOCK_N keys. The dK/dV
@@ -60,10 +62,18 @@ def _configs(shapes: list[tuple[int, int, int, int]]) -> list[triton.Config]:
 # every tile spills registers on sm_90 (benchmarks/kernel_resources.py, Triton 3.9), with 8 warps
 # over 32 x 128 tiles none does up to head dim 64; at head dim 128, 16 x 128 tiles spill least.
 # Five stages for dQ's thin tiles follow Triton's fused-attention tutorial.
-_FWD = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 4)])
+# Capped at 128 registers per thread, two 8-warp programs fit in one SM's 64K registers, so one's
+# softmax can run while the other's matrix products do; uncapped, the 8-warp 128 x 64 forward takes
+# 154-172 registers (Triton 3.6-3.9), one program per SM. At head dim 64 the capped forward spills 16
+# bytes per thread and the capped dQ tiles none; at head dim 128 they spill 80-232 bytes, so head dims
+# above REGISTER_CAP_HEAD_DIM tune without them. The dK/dV pass would spill 170-360 bytes at that cap.
+_FWD = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 4),
+                 (128, 64, 8, 3, 128), (128, 64, 8, 4, 128)])
 _DKDV = _configs([(32, 128, 8, 3), (32, 128, 8, 4), (16, 128, 8, 3), (32, 128, 4, 3), (64, 128, 8, 3),
                   (32, 64, 4, 4)])
-_DQ = _configs([(128, 32, 4, 3), (128, 32, 4, 5), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)])
+_DQ = _configs([(128, 32, 4, 3), (128, 32, 4, 5), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4),
+                (128, 32, 8, 3, 128), (128, 64, 8, 2, 128)])
+REGISTER_CAP_HEAD_DIM = 64
 # Sequences up to SHORT_T use one config per kernel (tuning would cost more than it saves); float32
 # (IEEE products on CUDA cores, for tests) uses one small-tile config: larger tiles spill registers
 # at head dim 128 and take ptxas tens of seconds.
@@ -77,14 +87,18 @@ _TUNE_KEY = ["T", "HEAD_DIM", "MODE"]
 
 
 def _variants(kernel, configs, short_configs, fp32_configs):
+    uncapped = [c for c in configs if c.maxnreg is None]
     return {name: triton.autotune(configs=c, key=_TUNE_KEY)(kernel)
-            for name, c in (("tuned", configs), ("short", short_configs), ("fp32", fp32_configs))}
+            for name, c in (("tuned", configs), ("tuned_uncapped", uncapped), ("short", short_configs),
+                            ("fp32", fp32_configs))}
 
 
 def _pick(variants, q: torch.Tensor):
     if q.dtype == torch.float32:
         return variants["fp32"]
-    return variants["short"] if q.shape[2] <= SHORT_T else variants["tuned"]
+    if q.shape[2] <= SHORT_T:
+        return variants["short"]
+    return variants["tuned"] if q.shape[3] <= REGISTER_CAP_HEAD_DIM else variants["tuned_uncapped"]
 
 
 @triton.jit
