@@ -28,10 +28,10 @@ from triton.compiler import ASTSource
 
 from fastllm.triton_kernels import flash_attention as fa
 
-KERNELS = {  # name: (kernel, tuned configs, short-sequence configs)
-    "fwd": (fa._fwd_kernel, fa._FWD, fa._FWD_SHORT),
-    "dkdv": (fa._bwd_dkdv_kernel, fa._DKDV, fa._DKDV_SHORT),
-    "dq": (fa._bwd_dq_kernel, fa._DQ, fa._DQ_SHORT),
+KERNELS = {  # name: (kernel, tuned configs, more for narrow heads, short-sequence configs)
+    "fwd": (fa._fwd_kernel, fa._FWD, fa._FWD_NARROW, fa._FWD_SHORT),
+    "dkdv": (fa._bwd_dkdv_kernel, fa._DKDV, fa._DKDV_NARROW, fa._DKDV_SHORT),
+    "dq": (fa._bwd_dq_kernel, fa._DQ, fa._DQ_NARROW, fa._DQ_SHORT),
 }
 SIZE_ARGS = {"H", "H_KV", "T"}  # upper-case like the pointers, but integers
 FLOAT_ARGS = {"scale_log2", "scale"}
@@ -84,13 +84,13 @@ def report(arch: int, kernels: list[str], head_dims: list[int], modes: list[int]
     print(f"{'kernel':6} {'D':>4} {'mode':>4} {'BLOCK_M x N':>12} {'warps':>5} {'stages':>6} {'cap':>4} "
           f"{'regs':>5} {'stack':>6} {'smem KiB':>8} {'async':>5} {'wait':>4}")
     for name in kernels:
-        kernel, tuned, short = KERNELS[name]
+        kernel, tuned, narrow, short = KERNELS[name]
         configs = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, c.maxnreg): c
-                   for c in short + tuned}
+                   for c in short + tuned + narrow}
         for head_dim in head_dims:
             for mode in modes:
                 for (m, n, warps, stages, cap), config in configs.items():
-                    if cap is not None and head_dim > fa.REGISTER_CAP_HEAD_DIM:
+                    if config in narrow and head_dim > fa.NARROW_HEAD_DIM:
                         continue  # not among that head dim's configs
                     row = dict(kernel=name, head_dim=head_dim, mode=mode, block=(m, n), warps=warps, stages=stages,
                                cap=cap, **resources(kernel, config, arch, head_dim, mode))

@@ -20,7 +20,7 @@ from fastllm.triton_kernels import flash_attention as fa
 
 rows = kernel_resources.main(["--arch", "ARCH", "--kernels", "dq", "--head-dims", "16", "--modes", "1"])
 expected = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, c.maxnreg)
-            for c in fa._DQ + fa._DQ_SHORT}
+            for c in fa._DQ + fa._DQ_NARROW + fa._DQ_SHORT}
 assert {(*r["block"], r["warps"], r["stages"], r["cap"]) for r in rows} == expected, rows
 for row in rows:
     assert 0 < row["regs"] <= (row["cap"] or 255) and row["shared"] > 0 and row["stack"] >= 0, row

@@ -59,21 +59,24 @@ def _configs(shapes: list[tuple[int, ...]]) -> list[triton.Config]:
 
 # (BLOCK_M, BLOCK_N, warps, stages) for sm_80 / sm_90; BLOCK_M tiles queries, BLOCK_N keys. The dK/dV
 # pass holds two (BLOCK_N, head dim) float32 accumulators beside its keys and values: with 4 warps
-# every tile spills registers on sm_90 (benchmarks/kernel_resources.py, Triton 3.9), with 8 warps
+# every 128-key tile spills registers on sm_90 (benchmarks/kernel_resources.py, Triton 3.9), with 8 warps
 # over 32 x 128 tiles none does up to head dim 64; at head dim 128, 16 x 128 tiles spill least.
 # Five stages for dQ's thin tiles follow Triton's fused-attention tutorial.
-# Capped at 128 registers per thread, two 8-warp programs fit in one SM's 64K registers, so one's
-# softmax can run while the other's matrix products do; uncapped, the 8-warp 128 x 64 forward takes
-# 154-172 registers (Triton 3.6-3.9), one program per SM. At head dim 64 the capped forward spills 16
-# bytes per thread and the capped dQ tiles none; at head dim 128 they spill 80-232 bytes, so head dims
-# above REGISTER_CAP_HEAD_DIM tune without them. The dK/dV pass would spill 170-360 bytes at that cap.
-_FWD = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 4),
-                 (128, 64, 8, 3, 128), (128, 64, 8, 4, 128)])
+_FWD = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 4)])
 _DKDV = _configs([(32, 128, 8, 3), (32, 128, 8, 4), (16, 128, 8, 3), (32, 128, 4, 3), (64, 128, 8, 3),
                   (32, 64, 4, 4)])
-_DQ = _configs([(128, 32, 4, 3), (128, 32, 4, 5), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4),
-                (128, 32, 8, 3, 128), (128, 64, 8, 2, 128)])
-REGISTER_CAP_HEAD_DIM = 64
+_DQ = _configs([(128, 32, 4, 3), (128, 32, 4, 5), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)])
+# More configs for head dims up to NARROW_HEAD_DIM, where they fit in fewer registers: several programs
+# share an SM, so one's softmax can run while another's matrix products do. The 8-warp forward and
+# dQ capped at 128 registers (maxnreg) run two programs per SM (64K registers) where uncapped they
+# take 154-172 (Triton 3.6-3.9), one program; capped, the forward spills 16-24 bytes per thread and
+# dQ 0-16. The 4-warp 16 x 64 dK/dV tile takes 158 registers with windows (the sparse attentions):
+# three programs per SM, where the 8-warp 32 x 128 tile (194) runs one and the 4-warp 32 x 64 (190)
+# two; causal, 237 and no spill. At head dim 128 the capped tiles spill 80-232 bytes, the dK/dV one 208.
+NARROW_HEAD_DIM = 64
+_FWD_NARROW = _configs([(128, 64, 8, 3, 128), (128, 64, 8, 4, 128)])
+_DKDV_NARROW = _configs([(16, 64, 4, 3)])
+_DQ_NARROW = _configs([(128, 32, 8, 3, 128), (128, 64, 8, 2, 128)])
 # Sequences up to SHORT_T use one config per kernel (tuning would cost more than it saves); float32
 # (IEEE products on CUDA cores, for tests) uses one small-tile config: larger tiles spill registers
 # at head dim 128 and take ptxas tens of seconds.
@@ -86,11 +89,10 @@ _FP32_COLS = _configs([(16, 32, 4, 2)])
 _TUNE_KEY = ["T", "HEAD_DIM", "MODE"]
 
 
-def _variants(kernel, configs, short_configs, fp32_configs):
-    uncapped = [c for c in configs if c.maxnreg is None]
+def _variants(kernel, configs, narrow_configs, short_configs, fp32_configs):
     return {name: triton.autotune(configs=c, key=_TUNE_KEY)(kernel)
-            for name, c in (("tuned", configs), ("tuned_uncapped", uncapped), ("short", short_configs),
-                            ("fp32", fp32_configs))}
+            for name, c in (("tuned", configs), ("tuned_narrow", configs + narrow_configs),
+                            ("short", short_configs), ("fp32", fp32_configs))}
 
 
 def _pick(variants, q: torch.Tensor):
@@ -98,7 +100,7 @@ def _pick(variants, q: torch.Tensor):
         return variants["fp32"]
     if q.shape[2] <= SHORT_T:
         return variants["short"]
-    return variants["tuned"] if q.shape[3] <= REGISTER_CAP_HEAD_DIM else variants["tuned_uncapped"]
+    return variants["tuned_narrow"] if q.shape[3] <= NARROW_HEAD_DIM else variants["tuned"]
 
 
 @triton.jit
@@ -528,9 +530,9 @@ def _qk_sparse_windows_kernel(Q_KEEP, K_KEEP, Q_ORDER, K_ORDER, WINDOWS, T, n_ro
     tl.store(WINDOWS + 3 * n_rows + k_rank, tl.where(k_kept > 0, n_q, T), mask=valid)
 
 
-_FWD_KERNELS = _variants(_fwd_kernel, _FWD, _FWD_SHORT, _FP32_ROWS)
-_DKDV_KERNELS = _variants(_bwd_dkdv_kernel, _DKDV, _DKDV_SHORT, _FP32_COLS)
-_DQ_KERNELS = _variants(_bwd_dq_kernel, _DQ, _DQ_SHORT, _FP32_ROWS)
+_FWD_KERNELS = _variants(_fwd_kernel, _FWD, _FWD_NARROW, _FWD_SHORT, _FP32_ROWS)
+_DKDV_KERNELS = _variants(_bwd_dkdv_kernel, _DKDV, _DKDV_NARROW, _DKDV_SHORT, _FP32_COLS)
+_DQ_KERNELS = _variants(_bwd_dq_kernel, _DQ, _DQ_NARROW, _DQ_SHORT, _FP32_ROWS)
 
 
 def _mode(windows: torch.Tensor | None, causal: bool) -> int:
