@@ -83,7 +83,7 @@ has ops && bench ops 200 benchmarks -k "$BENCH_K" --ignore=benchmarks/bench_flas
   --ignore=benchmarks/bench_train.py --ignore=benchmarks/bench_mamba_generation.py
 if has attention; then  # -s and TRITON_PRINT_AUTOTUNING: the log names the config each kernel's tuning chose
   export TRITON_PRINT_AUTOTUNING=1
-  bench attention 240 benchmarks/bench_flash_attention.py -s ${ATTN_K:+-k "$ATTN_K"}
+  bench attention 300 benchmarks/bench_flash_attention.py -s ${ATTN_K:+-k "$ATTN_K"}
   unset TRITON_PRINT_AUTOTUNING
   grep -A3 --no-group-separator "^Triton autotuning for function" "$LOGS/attention.log" | paste -d' ' - - - - |
     sed 's/Triton autotuning for function //' | cut -c1-230 | head -40

@@ -70,16 +70,16 @@ _DQ = _configs([(128, 32, 4, 3), (128, 32, 4, 5), (128, 64, 8, 3), (64, 64, 4, 3
 # share an SM, so one's softmax can run while another's matrix products do. The 8-warp forward and
 # dQ capped at 128 registers (maxnreg) run two programs per SM (64K registers) where uncapped they
 # take 154-172 (Triton 3.6-3.9), one program; capped, the forward spills 16-24 bytes per thread and
-# dQ 0-16. The 4-warp 16 x 64 dK/dV tile takes 158 registers with windows (the sparse attentions):
+# dQ none. The 4-warp 16 x 64 dK/dV tile takes 158 registers with windows (the sparse attentions):
 # three programs per SM, where the 8-warp 32 x 128 tile (194) runs one and the 4-warp 32 x 64 (190)
 # two; causal, 237 and no spill. dQ's 4-warp 64 x 64 tile takes 251 registers with windows uncapped,
 # 168 capped and no spill: three programs per SM instead of two. At head dim 128 the capped tiles spill
 # 80-232 bytes, the dK/dV one 208.
 # (The interpreter has its one config already.)
 NARROW_HEAD_DIM = 64
-_FWD_NARROW = [] if INTERPRET else _configs([(128, 64, 8, 3, 128), (128, 64, 8, 4, 128)])
+_FWD_NARROW = [] if INTERPRET else _configs([(128, 64, 8, 3, 128)])
 _DKDV_NARROW = [] if INTERPRET else _configs([(16, 64, 4, 3)])
-_DQ_NARROW = [] if INTERPRET else _configs([(128, 32, 8, 3, 128), (128, 64, 8, 2, 128), (64, 64, 4, 3, 168)])
+_DQ_NARROW = [] if INTERPRET else _configs([(128, 32, 8, 3, 128), (64, 64, 4, 3, 168)])
 # Sequences up to SHORT_T use one config per kernel (tuning would cost more than it saves); float32
 # (IEEE products on CUDA cores, for tests) uses one small-tile config: larger tiles spill registers
 # at head dim 128 and take ptxas tens of seconds.
