@@ -75,7 +75,7 @@ _DQ = _configs([(128, 32, 4, 3), (128, 32, 4, 5), (128, 64, 8, 3), (64, 64, 4, 3
 # two; causal, 237 and no spill. dQ's 4-warp 64 x 64 tile takes 251 registers with windows uncapped,
 # 168 capped and no spill: three programs per SM instead of two. At head dim 128 the capped tiles spill
 # 80-232 bytes, the dK/dV one 208.
-# (The interpreter has its one config already.)
+# Empty under the interpreter, whose one config the other lists hold.
 NARROW_HEAD_DIM = 64
 _FWD_NARROW = [] if INTERPRET else _configs([(128, 64, 8, 3, 128)])
 _DKDV_NARROW = [] if INTERPRET else _configs([(16, 64, 4, 3)])
