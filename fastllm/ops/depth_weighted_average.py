@@ -63,8 +63,8 @@ def _check(states: object, weights: object) -> None:
 
 
 def _check_backward(grad_out: object, states: torch.Tensor, weights: torch.Tensor) -> None:
-    """The backward op's inputs: grad_states has the states' shape, so they are exactly the K weighed."""
-    _check(states, weights)
+    """The backward op's inputs beyond ``_check`` (run first): grad_states has the states' shape, so
+    they are exactly the K weighed."""
     if states.shape[0] != weights.shape[0]:
         raise ValueError(f"states must hold exactly the {weights.shape[0]} weighed states (dimension 0), "
                          f"got {states.shape[0]}")
@@ -140,12 +140,14 @@ def _(states, weights):
 
 @torch.library.custom_op("fastllm::depth_weighted_average_backward", mutates_args=())
 def _backward(grad_out: torch.Tensor, states: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    _check(states, weights)
     _check_backward(grad_out, states, weights)
     return _backward_impl(grad_out, states, weights)
 
 
 @_backward.register_fake
 def _(grad_out, states, weights):
+    _check(states, weights)
     _check_backward(grad_out, states, weights)
     return torch.empty_like(states), torch.empty_like(weights)
 
