@@ -104,9 +104,12 @@ STEP_SHAPES = {  # device: (model overrides, (batch, tokens), dtype)
 }
 
 
-def train_steps(device: str = "cuda") -> dict:
+def train_steps(device: str = "cuda", *, compile_blocks: bool = False) -> dict:
     """The DenseFormer's and the same-depth transformer's eager training steps (forward + backward) at
-    ``STEP_SHAPES[device]``."""
+    ``STEP_SHAPES[device]``. ``compile_blocks``: each block compiled on its own (regional compilation,
+    as torchtitan and the trainer under FSDP compile), the DWAs between them eager. Both models' blocks
+    are the same code, so they share one compiled graph: one compilation, tens of seconds, where the
+    whole 48-block model takes minutes."""
     from fastllm.models import build_model, config_from_dict
 
     overrides, shape, dtype = STEP_SHAPES[device]
@@ -115,6 +118,9 @@ def train_steps(device: str = "cuda") -> dict:
 
     def train_step(arch, **extra):
         model = build_model(config_from_dict({"arch": arch, **config, **extra})).to(device, dtype)
+        if compile_blocks:
+            for layer in model.layers:
+                layer.compile()
 
         def step():
             model.zero_grad(set_to_none=True)
@@ -140,21 +146,25 @@ def graphed(step):
     return graph.replay
 
 
-def test_cuda_train_step(timer):
+@pytest.mark.parametrize("mode", ["eager", "CUDA graph", "compiled blocks"])
+def test_cuda_train_step(timer, mode):
     """Both models step in turn: between calls of the GPU check the same step has moved by 44%, so
     timing them one after the other would compare the card's states, not the models. Eagerly, 48
     blocks of dim 768 keep the host busier than the GPU (both cards ran the transformer in about 143 ms,
-    and on the CPU the DenseFormer's Python adds about 15% to the step's dispatch), so the steps are
-    also timed as replayed CUDA graphs: the GPU work alone."""
+    and on the CPU the DenseFormer's Python adds about 10% to the step's dispatch), so the steps are
+    also timed with compiled blocks, whose host work is a fraction of the eager one's, and as replayed
+    CUDA graphs: the GPU work alone."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    steps = train_steps()
-    timer.interleaved(steps, group="train step 48 blocks dim 768 B=8 T=1024 bf16", device="cuda", rounds=10)
-    timer.interleaved({name: graphed(step) for name, step in steps.items()},
-                      group="train step 48 blocks dim 768 B=8 T=1024 bf16, CUDA graph", device="cuda", rounds=10)
+    steps = train_steps(compile_blocks=mode == "compiled blocks")
+    if mode == "CUDA graph":
+        steps = {name: graphed(step) for name, step in steps.items()}
+    timer.interleaved(steps, group=f"train step 48 blocks dim 768 B=8 T=1024 bf16, {mode}", device="cuda",
+                      rounds=10)
 
 
-def test_cpu_train_step_dispatch(timer):
-    """The host's share of the step above: what the DenseFormer's Python and dispatch add per step."""
-    timer.interleaved(train_steps("cpu"), group="train step 48 blocks dim 16 B=1 T=8 fp32, host", device="cpu",
-                      rounds=60, warmup=5)
+@pytest.mark.parametrize("mode", ["eager", "compiled blocks"])
+def test_cpu_train_step_dispatch(timer, mode):
+    """The host's share of the steps above: what the DenseFormer's Python and dispatch add per step."""
+    timer.interleaved(train_steps("cpu", compile_blocks=mode == "compiled blocks"), device="cpu", rounds=60,
+                      warmup=5, group=f"train step 48 blocks dim 16 B=1 T=8 fp32, host, {mode}")

@@ -79,7 +79,7 @@ if has tests; then
   grep -E "^(FAILED|ERROR)|passed|failed|skipped: out" "$LOGS/tests.log" | cut -c1-300 | head -40
   elapsed "tests done"
 fi
-has ops && bench ops 200 benchmarks -k "$BENCH_K" --ignore=benchmarks/bench_flash_attention.py \
+has ops && bench ops 260 benchmarks -k "$BENCH_K" --ignore=benchmarks/bench_flash_attention.py \
   --ignore=benchmarks/bench_train.py --ignore=benchmarks/bench_mamba_generation.py
 if has attention; then  # -s and TRITON_PRINT_AUTOTUNING: the log names the config each kernel's tuning chose
   export TRITON_PRINT_AUTOTUNING=1
