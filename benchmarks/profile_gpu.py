@@ -7,7 +7,8 @@ and step). attention: QK-sparse (50% dropped) and hash-sparse (8 buckets) forwar
 T = 16k, with their compaction, sorting and window set-up. mamba: the selective scan and the causal
 conv1d forward + backward at the shapes of bench_selective_scan.py. dwa: the depth-weighted average
 forward + backward at bench_depth_weighted_average.py's shape. denseformer: where the 48-block
-DenseFormer's training step spends more GPU time than the same transformer's. Each prints the
+DenseFormer's training step spends more GPU time than the same transformer's, eager and with compiled
+blocks. Each prints the
 kernels that take the most CUDA time over a few profiled repetitions, after warm-up; under Nsight
 Compute (the GPU check's ncu part) the same launches are what it measures.
 """
@@ -107,27 +108,31 @@ def profile_dwa() -> None:
 
 def profile_denseformer() -> None:
     """The kernels that the DenseFormer step spends more time in than the same-depth transformer's,
-    and each step's kernel total against its wall time (the rest is the GPU waiting on the host)."""
+    and each step's kernel total against its wall time (the rest is the GPU waiting on the host),
+    eager and with compiled blocks."""
     import time
 
     from bench_depth_weighted_average import train_steps
 
-    steps = train_steps()
-    times, walls = {}, {}
-    for name, step in steps.items():
-        times[name] = kernel_times(step)
-        start = time.perf_counter()
-        for _ in range(3):
-            step()
-        torch.cuda.synchronize()
-        walls[name] = (time.perf_counter() - start) / 3 * 1e3
-    (ours, theirs) = times.values()
-    print("\n== 48-block DenseFormer against the same transformer, per training step")
-    for name, kernels in times.items():
-        print(f"{name}: {sum(ms for ms, _ in kernels.values()):.3f} ms of CUDA kernels, {walls[name]:.3f} ms wall")
-    difference = {key: ours.get(key, (0.0, 0))[0] - theirs.get(key, (0.0, 0))[0] for key in ours.keys() | theirs.keys()}
-    for key, ms in sorted(difference.items(), key=lambda kv: -abs(kv[1]))[:14]:
-        print(f"{ms:+9.3f} ms x{ours.get(key, (0, 0))[1]:<4} vs x{theirs.get(key, (0, 0))[1]:<4} {key[:80]}")
+    for compile_blocks in (False, True):
+        steps = train_steps(compile_blocks=compile_blocks)
+        times, walls = {}, {}
+        for name, step in steps.items():
+            times[name] = kernel_times(step)
+            start = time.perf_counter()
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+            walls[name] = (time.perf_counter() - start) / 3 * 1e3
+        (ours, theirs) = times.values()
+        mode = "compiled blocks" if compile_blocks else "eager"
+        print(f"\n== 48-block DenseFormer against the same transformer, per training step, {mode}")
+        for name, kernels in times.items():
+            print(f"{name}: {sum(ms for ms, _ in kernels.values()):.3f} ms of CUDA kernels, {walls[name]:.3f} ms wall")
+        difference = {key: ours.get(key, (0.0, 0))[0] - theirs.get(key, (0.0, 0))[0]
+                      for key in ours.keys() | theirs.keys()}
+        for key, ms in sorted(difference.items(), key=lambda kv: -abs(kv[1]))[:14]:
+            print(f"{ms:+9.3f} ms x{ours.get(key, (0, 0))[1]:<4} vs x{theirs.get(key, (0, 0))[1]:<4} {key[:80]}")
 
 
 if __name__ == "__main__":
