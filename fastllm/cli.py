@@ -69,6 +69,8 @@ def _eval(args: argparse.Namespace) -> int:
     from fastllm.train.distributed import Env, resolve_device
     from fastllm.train.trainer import batch_geometry, evaluate
 
+    if args.batches < 0:
+        raise ValueError(f"--batches must be >= 0 (0 = the run's run.eval_batches), got {args.batches}")
     device = resolve_device(args.device)
     model, _, train_config = load_model(args.checkpoint, device)
     config = TrainConfig.from_dict(train_config)

@@ -58,6 +58,9 @@ def test_cli_end_to_end(tmp_path, corpus, capsys):
     assert "resumed from" in capsys.readouterr().out
     assert main(["eval", f"--checkpoint={run}", "--device=cpu"]) == 0
     assert "validation loss" in capsys.readouterr().out
+    # a negative batch count evaluated nothing and printed "validation loss 0.0000"
+    assert main(["eval", f"--checkpoint={run}", "--device=cpu", "--batches=-1"]) == 2
+    assert "--batches must be >= 0" in capsys.readouterr().err
     assert main(["generate", f"--checkpoint={run}", "--prompt=def ", "--max-new-tokens=12", "--top-k=5",
                  "--top-p=0.9", "--device=cpu"]) == 0
     assert capsys.readouterr().out.startswith("def ")

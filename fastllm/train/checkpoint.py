@@ -103,12 +103,23 @@ def save_checkpoint(out: str | os.PathLike, step: int, *, weights: dict[str, tor
     (tmp / "train_config.json").write_text(json.dumps(train_config, indent=2) + "\n")
     torch.save(state, tmp / STATE)
     tokenizer.save(tmp)
+    for path in [*tmp.iterdir(), tmp]:  # on disk before it counts as complete and older ones go
+        _fsync(path)
     if final.exists():  # a rerun of the same step (resumed run) replaces it
         shutil.rmtree(final)
     os.replace(tmp, final)
+    _fsync(root)
     for old in list_checkpoints(out)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:

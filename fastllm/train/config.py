@@ -89,7 +89,7 @@ class RunConfig:
     log_interval: int = 10
     ckpt_interval: int = 125  # steps between checkpoints (and at the end); 0 = only at the end
     keep_checkpoints: int = 2
-    resume: bool = True  # continue from the latest checkpoint in ``out`` when there is one
+    resume: bool = True  # continue from the latest checkpoint in ``out``; false refuses an ``out`` holding checkpoints
     max_nan_skips: int = 5  # steps with a NaN/inf loss or gradient skipped before the run stops
     progress: bool = True
     tensorboard: bool = False
@@ -121,12 +121,15 @@ class TrainConfig:
             ("data.batch_size", self.data.batch_size >= 1, "must be >= 1"),
             ("data.micro_batch_size", self.data.micro_batch_size >= 0, "must be >= 0"),
             ("data.val_fraction", 0.0 < self.data.val_fraction < 1.0, "must lie in (0, 1)"),
-            ("data.goldfish_k", self.data.goldfish_k >= 0, "must be >= 0 (0 = off)"),
+            ("data.seed", self.data.seed >= 0, "must be >= 0"),
+            ("data.goldfish_k", self.data.goldfish_k == 0 or self.data.goldfish_k >= 2,
+             "must be 0 (off) or >= 2 (1/k of the labels are dropped)"),
             ("data.goldfish_h", self.data.goldfish_h >= 1, "must be >= 1"),
             ("optim.name", self.optim.name in OPTIMIZERS, f"must be one of {OPTIMIZERS}"),
             ("optim.lr", self.optim.lr > 0 and math.isfinite(self.optim.lr), "must be a positive number"),
             ("optim.betas", len(self.optim.betas) == 3 and all(0 <= b < 1 for b in self.optim.betas),
              "must be three numbers in [0, 1)"),
+            ("optim.eps", self.optim.eps >= 0, "must be >= 0"),
             ("optim.weight_decay", self.optim.weight_decay >= 0, "must be >= 0"),
             ("optim.grad_clip", self.optim.grad_clip >= 0, "must be >= 0 (0 = off)"),
             ("optim.t_alpha", self.optim.t_alpha is None or self.optim.t_alpha >= 1, "must be >= 1 or none"),

@@ -33,10 +33,23 @@ def peak_flops(device: torch.device, override_tflops: float = 0.0) -> float | No
 
 
 def read_metrics(out: str | os.PathLike) -> list[dict]:
+    """The records of ``<out>/metrics.jsonl``; a torn last line (a crash in the middle of a write) is left out."""
     path = Path(out) / METRICS_FILE
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text()
+    lines = text.splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if number == len(lines) and not text.endswith("\n"):
+                break
+            raise ValueError(f"{path}:{number}: not a JSON record ({e.msg})") from None
+    return records
 
 
 class MetricsLogger:

@@ -61,6 +61,11 @@ def train(config: TrainConfig) -> dict:
 def _train(cfg: TrainConfig, env: distributed.Env) -> dict:
     out = Path(cfg.run.out)
     say = tqdm.write if env.main else (lambda *_: None)
+    if not cfg.run.resume and (found := ckpt.list_checkpoints(out)):
+        # A fresh run here would mix with the old one: rotation (by step) would delete the new checkpoints,
+        # and a later resume would continue whichever run has the highest step.
+        raise ConfigError(f"run.resume=false but run.out={str(out)!r} already holds checkpoints (latest "
+                          f"{found[-1].name}); resume it (run.resume=true) or give a fresh run.out")
 
     # --- data and batch geometry ---
     data_dir = prepare_data(cfg, env)

@@ -68,6 +68,11 @@ def test_override_list_and_bool_forms():
     ({"model.dim": "-4"}, "model: dim must be a positive integer"),
     ({"model.width": "4"}, "model: unknown llama config keys"),
     ({"model.arch": "gpt9"}, "model: unknown model arch 'gpt9'"),
+    # accepted before, then failed only after the data was prepared: numpy's "expected non-negative
+    # integer" from the loader, and the loader's "goldfish k must be an int >= 2"
+    ({"data.seed": "-1"}, "data.seed must be >= 0"),
+    ({"data.goldfish_k": "1"}, r"data.goldfish_k must be 0 \(off\) or >= 2"),
+    ({"optim.eps": "-1e-8"}, "optim.eps must be >= 0"),
 ])
 def test_bad_overrides_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):

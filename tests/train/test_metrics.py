@@ -22,6 +22,22 @@ def test_jsonl_and_resume_truncation(tmp_path):
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
 
 
+def test_resume_after_a_torn_last_line(tmp_path):
+    """A crash in the middle of a write leaves half a record at the end: resuming drops it, not the run."""
+    log = _logger(tmp_path)
+    for step in range(1, 4):
+        log.log(step, loss=1.0 / step)
+    log.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "lo')
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
+    _logger(tmp_path, resume_step=2).close()
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n')
+    with pytest.raises(ValueError, match="metrics.jsonl:2"):  # corruption inside the file is not hidden
+        read_metrics(tmp_path)
+
+
 def test_missing_tensorboard_and_wandb_are_notes(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import raises ImportError
     monkeypatch.setitem(sys.modules, "wandb", None)

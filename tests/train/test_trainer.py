@@ -64,6 +64,45 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_config, tmp_path, optimize
         assert torch.equal(tensor, full_weights[name]), name
 
 
+def test_fresh_run_refuses_a_directory_with_checkpoints(tiny_config):
+    """run.resume=false in a directory that holds another run's checkpoints used to mix the two runs: the
+    rotation deleted the new run's checkpoints at once (the old ones have higher steps), the result named
+    the old run's checkpoint, and a later resume continued the old run. It is refused, nothing touched."""
+    cfg = tiny_config(run__keep_checkpoints=1)
+    trainer.train(cfg)
+    metrics = open(os.path.join(cfg.run.out, "metrics.jsonl")).read()
+    with pytest.raises(ValueError, match=r"run.resume=false.*already holds checkpoints"):
+        trainer.train(tiny_config(run__steps=3, run__resume=False, run__keep_checkpoints=1))
+    assert [p.name for p in list_checkpoints(cfg.run.out)] == ["step_00000006"]
+    assert open(os.path.join(cfg.run.out, "metrics.jsonl")).read() == metrics
+
+
+def test_checkpoint_is_on_disk_before_older_ones_are_deleted(tmp_path, monkeypatch):
+    """Files, the checkpoint directory and its parent are fsynced before the rotation deletes the older
+    checkpoint: else a power loss can leave an empty "complete" checkpoint as the only one."""
+    from fastllm.data import ByteTokenizer
+    from fastllm.train import checkpoint as ckpt
+
+    events = []
+    real_fsync, real_rmtree = os.fsync, shutil.rmtree
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd))[1])
+    monkeypatch.setattr(shutil, "rmtree", lambda path, *a, **k: (events.append(("rmtree", str(path))),
+                                                                  real_rmtree(path, *a, **k))[1])
+    kwargs = dict(weights={"w": torch.ones(3)}, model_config={}, train_config={}, state={"step": 0},
+                  tokenizer=ByteTokenizer(), keep=1)
+    ckpt.save_checkpoint(tmp_path, 1, **kwargs)
+    events.clear()
+    final = ckpt.save_checkpoint(tmp_path, 2, **kwargs)
+    synced = [path for kind, path in events if kind == "fsync"]
+    deleted = next(i for i, (kind, path) in enumerate(events) if kind == "rmtree" and path.endswith("step_00000001"))
+    for name in ("model.safetensors", "config.json", "train_config.json", "train_state.pt"):
+        assert any(path.endswith(f"step_00000002/{name}") or path.endswith(f"-{os.getpid()}/{name}")
+                   for path in synced), name
+    root = os.path.realpath(final.parent)
+    assert ("fsync", root) in events[:deleted], events
+
+
 def test_gradient_accumulation_matches_one_big_batch(tiny_config, tmp_path):
     trainer.train(tiny_config(run__steps=3, run__out=tmp_path / "a"))
     trainer.train(tiny_config(run__steps=3, data__micro_batch_size=1, run__out=tmp_path / "b"))
