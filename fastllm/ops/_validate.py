@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -37,3 +38,21 @@ def check_shape(name: str, tensor: torch.Tensor, shape: Sequence[int], like: str
 def check_same_dtype(name: str, tensor: torch.Tensor, dtype: torch.dtype, like: str) -> None:
     if tensor.dtype != dtype:
         raise TypeError(f"{name} must have the dtype of {like} ({dtype}), got {tensor.dtype}")
+
+
+def check_real(name: str, value: object) -> float:
+    """A scalar argument as a Python float: a TypeError naming it for strings, complex numbers, None."""
+    if not isinstance(value, (str, bytes)):
+        try:
+            return float(value)
+        except (TypeError, ValueError, RuntimeError):
+            pass
+    raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+
+
+def check_int(name: str, value: object) -> int:
+    """An integer argument as a Python int: a TypeError naming it for floats (never silently truncated)."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}") from None

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from fastllm.ops import _backend
-from fastllm.ops._validate import check_same_device, check_same_dtype, check_shape, check_tensor
+from fastllm.ops._validate import check_real, check_same_device, check_same_dtype, check_shape, check_tensor
 from fastllm.ops.ademamix_ref import ademamix_step_reference
 from fastllm.profiling import nvtx_range
 
@@ -162,11 +162,11 @@ def ademamix_step_(
     """
     params, grads = list(params), list(grads)
     exp_avgs_fast, exp_avgs_slow, exp_avg_sqs = list(exp_avgs_fast), list(exp_avgs_slow), list(exp_avg_sqs)
-    _validate(params, grads, exp_avgs_fast, exp_avgs_slow, exp_avg_sqs, bias_correction1, bias_correction2)
+    hyper = [check_real(name, value) for name, value in zip(_HYPER_NAMES, (
+        lr, beta1, beta2, beta3, alpha, eps, weight_decay, bias_correction1, bias_correction2))]
+    _validate(params, grads, exp_avgs_fast, exp_avgs_slow, exp_avg_sqs, *hyper[-2:])
     if not params:
         return
     with nvtx_range("fastllm.ademamix_step_"):
-        _ademamix_step(params, grads, exp_avgs_fast, exp_avgs_slow, exp_avg_sqs, float(lr), float(beta1),
-                       float(beta2), float(beta3), float(alpha), float(eps), float(weight_decay),
-                       float(bias_correction1), float(bias_correction2), bool(stochastic_rounding),
+        _ademamix_step(params, grads, exp_avgs_fast, exp_avgs_slow, exp_avg_sqs, *hyper, bool(stochastic_rounding),
                        int(seed) & 0x7FFFFFFFFFFFFFFF)

@@ -187,8 +187,9 @@ def causal_conv1d_update(x: torch.Tensor, conv_state: torch.Tensor, weight: torc
     """One decoding step: x (batch, dim) enters ``conv_state`` (batch, dim, width), updated in place
     (oldest input dropped); returns the convolution's output for this position, (batch, dim)."""
     _check("x", x, weight, bias, activation, 2)
-    check_tensor("conv_state", conv_state)
+    check_tensor("conv_state", conv_state, dtypes=FLOAT_DTYPES)
     check_shape("conv_state", conv_state, (x.shape[0], x.shape[1], weight.shape[1]), "(batch, dim, width)")
+    check_same_device([("x", x), ("conv_state", conv_state)])
     conv_state.copy_(torch.cat([conv_state[..., 1:], x.unsqueeze(-1).to(conv_state.dtype)], dim=-1))
     y = (conv_state * weight).sum(-1)
     if bias is not None:

@@ -34,7 +34,7 @@ import math
 import torch
 
 from fastllm.ops import _backend
-from fastllm.ops._validate import check_same_device, check_shape, check_tensor
+from fastllm.ops._validate import check_real, check_same_device, check_shape, check_tensor
 from fastllm.ops.flash_attention_ref import (
     attention_backward_reference,
     attention_with_stats_reference,
@@ -185,12 +185,30 @@ def _validate_per_token(name: str, t, q: torch.Tensor, dtypes) -> None:
     check_same_device([("q", q), (name, t)])
 
 
+_INT32 = torch.iinfo(torch.int32)
+
+
+def _check_bucket_range(name: str, buckets: torch.Tensor) -> None:
+    """int64 buckets must fit in int32 (the ops sort 32-bit keys). Checked on CPU tensors only: on
+    other devices reading the range would synchronise with the host (out-of-range ids then share
+    buckets modulo 2^32)."""
+    if (buckets.dtype != torch.int64 or buckets.device.type != "cpu" or buckets.numel() == 0
+            or torch.compiler.is_compiling() or not _backend.holds_data(buckets)):
+        return
+    low, high = buckets.min().item(), buckets.max().item()
+    if low < _INT32.min or high > _INT32.max:
+        raise ValueError(f"{name} must hold values in the int32 range [{_INT32.min}, {_INT32.max}], "
+                         f"got values in [{low}, {high}]")
+
+
 def _scale(q: torch.Tensor, softmax_scale: float | None) -> float:
     if softmax_scale is None:
         return 1.0 / math.sqrt(q.shape[-1])
-    if not softmax_scale > 0:  # the kernels track the row maximum of the unscaled scores
-        raise ValueError(f"softmax_scale must be positive, got {softmax_scale}")
-    return float(softmax_scale)
+    scale = check_real("softmax_scale", softmax_scale)
+    # Positive: the kernels track the row maximum of the unscaled scores. Finite: inf gives NaN rows.
+    if not 0 < scale < math.inf:
+        raise ValueError(f"softmax_scale must be positive and finite, got {softmax_scale}")
+    return scale
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
@@ -277,27 +295,36 @@ def qk_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_kee
         return _forward(q, k, v, windows, q_order, k_order, True, scale)[0]
 
 
+def _int32_rows(buckets: torch.Tensor) -> torch.Tensor:
+    return buckets.to(torch.int32, memory_format=torch.contiguous_format)
+
+
 def hash_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_buckets: torch.Tensor,
                           k_buckets: torch.Tensor, softmax_scale: float | None = None) -> torch.Tensor:
-    """Causal attention inside buckets (integer (B, H, T), values within the int32 range).
+    """Causal attention inside buckets (integer (B, H, T), values within the int32 range: checked
+    for CPU tensors).
 
     Query i sees key j iff q_buckets[i] == k_buckets[j] and j <= i. Rows that see no key are 0.
     """
     _validate_qkv(q, k, v)
     _validate_per_token("q_buckets", q_buckets, q, BUCKET_DTYPES)
     _validate_per_token("k_buckets", k_buckets, q, BUCKET_DTYPES)
+    _check_bucket_range("q_buckets", q_buckets)
+    if k_buckets is not q_buckets:
+        _check_bucket_range("k_buckets", k_buckets)
     scale = _scale(q, softmax_scale)
     if _backend.current_backend() == "reference" or q.numel() == 0:
         return hash_sparse_attention_reference(q, k, v, q_buckets, k_buckets, scale)
     with nvtx_range("fastllm.hash_sparse_attention"):
         T = q.shape[2]
         # 32-bit keys sort in half the radix passes of 64-bit ones; shared buckets (shared-QK
-        # hashing) sort once.
-        k_sorted, k_order = torch.sort(k_buckets.int(), dim=-1, stable=True)
+        # hashing) sort once. Contiguous: the sort's orders keep its input's strides, and the
+        # kernels read the orders as contiguous (B, H, T).
+        k_sorted, k_order = torch.sort(_int32_rows(k_buckets), dim=-1, stable=True)
         if q_buckets is k_buckets:
             q_sorted, q_order = k_sorted, k_order
         else:
-            q_sorted, q_order = torch.sort(q_buckets.int(), dim=-1, stable=True)
+            q_sorted, q_order = torch.sort(_int32_rows(q_buckets), dim=-1, stable=True)
         # (bucket, position) packed into one sortable key: the keys query r sees are those from
         # (its bucket, 0) to (its bucket, its position), one contiguous run in key order.
         k_packed = k_sorted.long() * T + k_order

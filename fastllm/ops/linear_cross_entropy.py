@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from fastllm.ops import _backend
-from fastllm.ops._validate import check_same_device, check_same_dtype, check_tensor
+from fastllm.ops._validate import check_int, check_same_device, check_same_dtype, check_tensor
 from fastllm.ops.linear_cross_entropy_ref import linear_cross_entropy_reference
 from fastllm.profiling import nvtx_range
 
@@ -159,6 +159,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     processed at a time (default: about 2^27 logits per chunk).
     """
     _validate(hidden, weight, labels, reduction, ignore_index)
+    ignore_index = check_int("ignore_index", ignore_index)
+    if chunk_rows is not None:
+        chunk_rows = check_int("chunk_rows", chunk_rows)
     if _backend.current_backend() == "reference" or hidden.dtype == torch.float64:
         return linear_cross_entropy_reference(hidden, weight, labels, ignore_index, reduction)
     if chunk_rows is None:

@@ -16,7 +16,7 @@ import importlib.util
 import torch
 
 from fastllm.ops import _backend
-from fastllm.ops._validate import check_same_device, check_tensor
+from fastllm.ops._validate import check_real, check_same_device, check_tensor
 from fastllm.ops.xielu_ref import xielu_backward_reference, xielu_reference
 from fastllm.profiling import nvtx_range
 
@@ -167,7 +167,8 @@ def xielu(x: torch.Tensor, alpha_p: torch.Tensor, alpha_n: torch.Tensor, beta: f
         if alpha.numel() != 1:
             raise ValueError(f"{name} must hold exactly one element, got shape {tuple(alpha.shape)}")
     check_same_device([("x", x), ("alpha_p", alpha_p), ("alpha_n", alpha_n)])
+    beta, eps = check_real("beta", beta), check_real("eps", eps)
     if not eps <= 0.0:
         raise ValueError(f"eps must be <= 0, got {eps}")
     with nvtx_range("fastllm.xielu"):
-        return _xielu(x, alpha_p, alpha_n, float(beta), float(eps))
+        return _xielu(x, alpha_p, alpha_n, beta, eps)

@@ -209,3 +209,12 @@ def test_cuda_stochastic_rounding_matches_cpu():
     for column_c, column_g in zip(cpu, gpu):
         for c, g in zip(column_c, column_g):
             torch.testing.assert_close(g.cpu(), c, rtol=2**-7, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["lr", "beta3", "bias_correction1"])
+@pytest.mark.parametrize("value", ["0.5", None, 1j])
+def test_hyperparameters_must_be_real_numbers(name, value):
+    """A string, None or complex hyperparameter used to fail in float() or a comparison, naming none."""
+    lists = make_tensors([(4,), (3,)])
+    with pytest.raises(TypeError, match=f"{name} must be a real number"):
+        ops.ademamix_step_(*lists, **{**HYPER, name: value})

@@ -236,3 +236,18 @@ def test_bad_inputs():
         causal_conv1d(x, weight, torch.ones(6, dtype=torch.int32))
     with pytest.raises(ValueError, match="conv_state must have the shape"):
         causal_conv1d_update(x[..., 0], torch.zeros(2, 6, 3), weight)
+
+
+def test_update_checks_conv_state():
+    """An integer or bool state used to truncate each new input silently; a state on another device
+    failed inside torch.cat without naming it."""
+    x, weight, bias = torch.randn(2, 6), torch.randn(6, 4), torch.randn(6)
+    for dtype in (torch.int32, torch.int64, torch.bool):
+        with pytest.raises(TypeError, match="conv_state must have dtype"):
+            causal_conv1d_update(x, torch.zeros(2, 6, 4, dtype=dtype), weight, bias)
+    with pytest.raises(ValueError, match="conv_state is on meta"):
+        causal_conv1d_update(x, torch.zeros(2, 6, 4, device="meta"), weight, bias)
+    # A float16 state (a half-precision cache) stays allowed: it stores what it can hold.
+    state = torch.zeros(2, 6, 4, dtype=torch.float16)
+    y = causal_conv1d_update(x, state, weight, bias)
+    torch.testing.assert_close(y, (state.float() * weight).sum(-1) + bias)

@@ -360,3 +360,49 @@ def test_dense_grouped_query_heads(causal, path, monkeypatch):
         torch.testing.assert_close(t.grad.double(), t64.grad, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="k must have the shape"):
         flash_attention(q, k[:, :1].expand(1, 3, 19, 16), v)
+
+
+@pytest.mark.parametrize("which", ["q", "k", "both"])
+def test_hash_sparse_noncontiguous_buckets(which):
+    """Buckets laid out (B, T, H) and viewed as (B, H, T): the kernels read the sort orders as contiguous
+    int32 (B, H, T), so transposed buckets used to give garbage rows on the kernel path."""
+    shape = (2, 3, 19, 16)
+    laid_out = torch.randint(0, 3, (shape[0], shape[2], shape[1]), device=DEVICE).transpose(1, 2)
+    plain = torch.randint(0, 3, shape[:3], device=DEVICE)
+    q_buckets = laid_out if which in ("q", "both") else plain
+    k_buckets = laid_out if which in ("k", "both") else plain
+    assert not laid_out.is_contiguous()
+    _check(hash_sparse_attention, hash_sparse_attention_reference, shape, torch.float32, q_buckets, k_buckets,
+           grad_floor=ULPS_OF_ONE)
+
+
+def test_hash_sparse_int64_buckets_outside_int32_are_rejected_on_cpu():
+    """The ops sort 32-bit keys: int64 buckets 2^32 apart used to land silently in one bucket."""
+    q, k, v = [t.float() for t in _inputs((1, 2, 8, 16), torch.float32, device="cpu")]
+    buckets = torch.zeros(1, 2, 8, dtype=torch.int64)
+    far = buckets.clone()
+    far[..., ::2] = 1 << 32
+    with pytest.raises(ValueError, match="q_buckets must hold values in the int32 range"):
+        hash_sparse_attention(q, k, v, far, buckets)
+    with pytest.raises(ValueError, match="k_buckets must hold values in the int32 range"):
+        hash_sparse_attention(q, k, v, buckets, far - (1 << 33))
+    edge = torch.tensor([-(1 << 31), (1 << 31) - 1])[torch.randint(0, 2, (1, 2, 8))]
+    torch.testing.assert_close(hash_sparse_attention(q, k, v, edge, edge),
+                               hash_sparse_attention_reference(q, k, v, edge, edge), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scale,error", [(float("inf"), ValueError), ("0.5", TypeError), (1j, TypeError),
+                                         (None, None), (torch.tensor(0.5), None)])
+def test_softmax_scale_must_be_a_positive_finite_number(scale, error):
+    """An infinite scale used to give NaN rows that differ from the reference's; a string or complex a
+    bare comparison error that named no argument."""
+    q, k, v = [t.float() for t in _inputs((1, 2, 8, 16), torch.float32, device="cpu")]
+    keep = torch.ones(1, 2, 8, dtype=torch.bool)
+    buckets = torch.zeros(1, 2, 8, dtype=torch.int64)
+    for op, extra in ((flash_attention, ()), (qk_sparse_attention, (keep, keep)),
+                      (hash_sparse_attention, (buckets, buckets))):
+        if error is None:
+            op(q, k, v, *extra, softmax_scale=scale)
+            continue
+        with pytest.raises(error, match="softmax_scale"):
+            op(q, k, v, *extra, softmax_scale=scale)

@@ -177,3 +177,18 @@ def test_cuda_bad_label_gives_nan():
     hidden, weight, labels = _inputs(4, 8, 10, device="cuda")
     labels[1] = 10
     assert math.isnan(linear_cross_entropy(hidden.float(), weight.float(), labels).item())
+
+
+def test_integer_arguments_are_not_truncated():
+    """ignore_index=1.5 used to be truncated to 1, silently dropping label 1's tokens (torch's
+    cross_entropy rejects it); a string chunk_rows failed in a comparison that named no argument."""
+    hidden, weight, labels = _inputs(6, 8, 10, device="cpu")
+    h, w = hidden.float(), weight.float()
+    labels[:3] = 1
+    with pytest.raises(TypeError, match="ignore_index must be an integer"):
+        linear_cross_entropy(h, w, labels, ignore_index=1.5)
+    for chunk_rows in ("4", 2.5):
+        with pytest.raises(TypeError, match="chunk_rows must be an integer"):
+            linear_cross_entropy(h, w, labels, chunk_rows=chunk_rows)
+    torch.testing.assert_close(linear_cross_entropy(h, w, labels, ignore_index=torch.tensor(1), chunk_rows=4),
+                               linear_cross_entropy_reference(h, w, labels, ignore_index=1))

@@ -182,3 +182,12 @@ def test_cuda_compile_fullgraph_inductor():
     xielu(*eager).backward(grad)
     for a, b in zip(leaves, eager):
         torch.testing.assert_close(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("name", ["beta", "eps"])
+@pytest.mark.parametrize("value", ["0.5", None, 1j])
+def test_scalar_arguments_must_be_real_numbers(name, value):
+    """A string, None or complex beta or eps used to fail in float() or a comparison, naming neither."""
+    x, alpha_p, alpha_n, _ = make_inputs((8,), torch.float32)
+    with pytest.raises(TypeError, match=f"{name} must be a real number"):
+        xielu(x, alpha_p, alpha_n, **{name: value})
