@@ -27,7 +27,10 @@ preprocess for each query row's terms (``delta = rowsum(dO * O)``, and the sum o
 statistics), one pass over key blocks for dK and dV and a separate pass over query blocks for dQ
 (no atomics). Accumulation is fp32; fp32 inputs use IEEE products (no TF32), summed over the head
 dim in four runs added pairwise, so they can serve as tests against torch's fp32 error. Head dims
-are powers of two from 16 to 128.
+are powers of two from 16 to 128. Scaled scores (s * scale * log2(e)) must stay below 2^31 in
+magnitude: each exponent is one fma against the row maximum rounded apart, and above that the
+rounding's residual (half an ulp of the maximum) overflows exp2, giving NaN or wrong rows; a model whose
+attention logits reach 1e9 has diverged anyway, and a second rounding per score would cost the loop.
 """
 
 from __future__ import annotations
