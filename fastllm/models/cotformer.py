@@ -156,7 +156,9 @@ class CoTFormerLM(TransformerLM):
         T = x.shape[1]
         candidates = _take(x, positions)
         scores = self.routers[r - 1](candidates).squeeze(-1).float()
-        keep = min(max(1, math.ceil(capacity * T)), candidates.shape[1])
+        # Shrunk by a relative 1e-9 first: capacity * T may lie a rounding error above a whole number
+        # (0.07 * 100 = 7.000000000000001), which ceil would round up to one token too many.
+        keep = min(max(1, math.ceil(capacity * T * (1 - 1e-9))), candidates.shape[1])
         top_scores, top = scores.topk(keep, dim=1)
         chosen = top if positions is None else positions.gather(1, top)
         chosen, order = chosen.sort(dim=1)  # time order, which the attention mask relies on
@@ -294,10 +296,13 @@ def check_capacities(capacities: list[float], n_repeat: int) -> None:
 def capacity_sweep(model: CoTFormerLM, batches, capacity_settings) -> list[dict]:
     """Perplexity against forward multiply-accumulates per token for each capacity setting.
 
-    ``batches``: (input_ids, labels) pairs or loader batches with those keys (labels -100: no loss).
+    ``batches``: (input_ids, labels) pairs or loader batches with those keys (labels -100: no loss), read
+    once per setting (a one-shot iterator is read into a list first).
     Returns one {"capacities", "macs_per_token", "perplexity"} per setting; restores the model's mode
     and capacities.
     """
+    if iter(batches) is batches:  # a one-shot iterator: every setting must see the same batches
+        batches = list(batches)
     was_training, previous = model.training, model.capacities
     model.eval()
     results = []
@@ -311,6 +316,8 @@ def capacity_sweep(model: CoTFormerLM, batches, capacity_settings) -> list[dict]
                 total += model(ids, doc_ids, labels=labels).item()
                 count += int((labels != -100).sum())
                 seq_len = ids.shape[1]
+            if count == 0:
+                raise ValueError("capacity_sweep: the batches hold no labelled tokens (labels other than -100)")
             results.append({"capacities": list(model.capacities),
                             "macs_per_token": model.macs_per_token(seq_len, model.capacities),
                             "perplexity": math.exp(total / max(count, 1))})

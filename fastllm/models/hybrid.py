@@ -20,7 +20,7 @@ from torch import nn
 
 from fastllm.models.registry import ModelConfig, register_model
 from fastllm.nn.lm_head import logits_or_loss
-from fastllm.nn.attention import Attention, is_dense_attention
+from fastllm.nn.attention import Attention, get_attention, is_dense_attention
 from fastllm.nn.cache import KVCache, SequenceCache
 from fastllm.nn.mamba import MambaCache, MambaMixer
 from fastllm.nn.mlp import SwiGLU
@@ -61,6 +61,8 @@ class HybridConfig(ModelConfig):
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.head_dim is None and isinstance(self.dim, int) and isinstance(self.n_heads, int) and self.n_heads > 0:
+            if self.dim % self.n_heads:
+                raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads}), or set head_dim")
             self.head_dim = self.dim // self.n_heads
         if self.hidden_dim is None and isinstance(self.dim, int):
             self.hidden_dim = 256 * math.ceil(8 * self.dim / 3 / 256)
@@ -70,6 +72,18 @@ class HybridConfig(ModelConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("norm_eps", "rope_theta", "init_std"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+            setattr(self, name, float(value))
+        if not isinstance(self.tie_embeddings, bool):
+            raise ValueError(f"tie_embeddings must be true or false, got {self.tie_embeddings!r}")
+        if not isinstance(self.attention, str):
+            raise ValueError(f"attention must be the name of a registered attention, got {self.attention!r}")
+        get_attention(self.attention)  # raises, listing the registered names, for an unknown one
+        if not isinstance(self.attention_layers, (list, tuple)):
+            raise ValueError(f"attention_layers must be a list of layer indices, got {self.attention_layers!r}")
         self.attention_layers = list(self.attention_layers)
         if (any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.n_layers
                 for i in self.attention_layers) or len(set(self.attention_layers)) != len(self.attention_layers)):
@@ -113,6 +127,11 @@ class HybridCache(SequenceCache):
     def advance(self, new_tokens: int) -> None:
         for part in self.parts:
             part.advance(new_tokens)
+
+    def reset(self) -> None:
+        """Empties the cache for reuse: no keys, zero recurrent state, position 0."""
+        for part in self.parts:
+            part.reset()
 
     def step_state(self) -> tuple[torch.Tensor, ...] | None:
         states = [part.step_state() for part in self.parts]

@@ -124,9 +124,10 @@ def qk_drop(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_keep: torch.Ten
         return _masked_attention(q, k, v, q_keep[..., :, None] & k_keep[..., None, :], doc_ids, True, softmax_scale)
     if doc_ids is None:
         return qk_sparse_attention(q, k, v, q_keep, k_keep, softmax_scale=softmax_scale)
-    # Kept tokens carry their document id as bucket; dropped queries and keys get ids that never match.
-    docs = doc_ids[:, None, :].expand(q_keep.shape).long()
-    return hash_sparse_attention(q, k, v, torch.where(q_keep, docs, -1), torch.where(k_keep, docs, -2),
+    # Kept tokens carry 3 x their document id as bucket; dropped queries and keys get 3 x id + 1 and
+    # 3 x id + 2, which match no kept token and not each other, whatever integers the ids are.
+    docs = 3 * doc_ids[:, None, :].expand(q_keep.shape).long()
+    return hash_sparse_attention(q, k, v, torch.where(q_keep, docs, docs + 1), torch.where(k_keep, docs, docs + 2),
                                  softmax_scale=softmax_scale)
 
 
@@ -196,9 +197,10 @@ class QKDropAttention(nn.Module):
 
 
 def _straight_through(score: torch.Tensor) -> torch.Tensor:
-    """1 in value, with the gradient of sigmoid(score) / sigmoid(score) = 1 - sigmoid(score)."""
-    gate = torch.sigmoid(score)
-    return gate / gate.detach()
+    """1 in value, with the gradient of sigmoid(score) / sigmoid(score) = 1 - sigmoid(score), taken as
+    that of log sigmoid(score): the quotient is 0 / 0 where sigmoid(score) underflows."""
+    log_gate = torch.nn.functional.logsigmoid(score)
+    return 1 + (log_gate - log_gate.detach())
 
 
 MAX_HEADS, MAX_HEAD_DIM = 128, 256

@@ -166,6 +166,30 @@ def test_adaptive_routing_keeps_the_requested_capacities():
     assert macs[0] > macs[1] > macs[2] and all(math.isfinite(row["perplexity"]) for row in sweep)
 
 
+@pytest.mark.parametrize("T,capacities,counts", [(100, [1.0, 0.56, 0.07], [100, 56, 7]),
+                                                  (300, [1.0, 0.34, 0.17], [300, 102, 51])])
+def test_adaptive_routing_keeps_exact_capacities(T, capacities, counts):
+    # capacity x T tokens when that is a whole number, though its float product lies a hair above it.
+    model = cotformer(n_layers=3, dim=16, hidden_dim=16, n_repeat=3, adaptive=True)
+    model.set_capacities(capacities)
+    model(torch.randint(0, 97, (1, T)))
+    assert [int(a[0].sum()) for a in model.last_active] == counts
+
+
+def test_capacity_sweep_takes_a_one_shot_iterable():
+    from fastllm.models.cotformer import capacity_sweep
+
+    model = cotformer(n_repeat=3, adaptive=True)
+    ids = torch.randint(0, 97, (2, 8))
+    batches = [(ids, ids.roll(-1, dims=1))]
+    settings = [[1.0, 0.5, 0.25], [1.0, 0.5, 0.25]]
+    from_list = capacity_sweep(model, batches, settings)
+    from_generator = capacity_sweep(model, (batch for batch in batches), settings)
+    assert from_generator == from_list and from_list[0] == from_list[1]
+    with pytest.raises(ValueError, match="batches"):
+        capacity_sweep(model, [], settings)
+
+
 def test_adaptive_routing_rejects_bad_capacities_and_caches():
     model = cotformer(n_repeat=3, adaptive=True)
     for bad in ([1.0, 0.5], [0.5, 0.5, 0.5], [1.0, 0.25, 0.5], [1.0, 0.0, 0.0]):

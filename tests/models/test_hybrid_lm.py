@@ -45,6 +45,28 @@ def test_layers_and_interface():
     assert model.flops_per_token(128) > 6 * model.num_params(exclude_embeddings=True)
 
 
+@pytest.mark.parametrize("bad,key", [({"norm_eps": -1.0}, "norm_eps"), ({"rope_theta": 0.0}, "rope_theta"),
+                                     ({"init_std": "big"}, "init_std"), ({"tie_embeddings": "yes"}, "tie_embeddings"),
+                                     ({"attention": "flash9"}, "attention"),
+                                     ({"attention_layers": 1}, "attention_layers"),
+                                     ({"dim": 100, "n_heads": 6}, "n_heads")])
+def test_bad_configs_name_the_key(bad, key):
+    with pytest.raises(ValueError, match=key):
+        HybridConfig(**{"n_layers": 3, "attention_layers": [1], **bad})
+
+
+@pytest.mark.parametrize("attention_layers", [[1], [], [0, 1, 2]])
+def test_cache_reset_starts_over(attention_layers):
+    torch.manual_seed(0)
+    model = tiny(attention_layers=attention_layers)
+    ids = torch.randint(0, 53, (2, 6))
+    cache = model.init_cache(2, 8)
+    first = model(ids, cache=cache)
+    cache.reset()
+    assert cache.pos == 0
+    torch.testing.assert_close(model(ids, cache=cache), first, rtol=0, atol=0)
+
+
 def test_training_reduces_loss():
     torch.manual_seed(0)
     model = tiny()

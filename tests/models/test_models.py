@@ -161,6 +161,25 @@ def test_sampling_options():
     assert model.training is False
 
 
+@pytest.mark.parametrize("kwargs,name", [({"temperature": float("nan")}, "temperature"),
+                                         ({"temperature": "hot"}, "temperature"), ({"top_k": 2.5}, "top_k"),
+                                         ({"top_k": True}, "top_k"), ({"max_new_tokens": 2.5}, "max_new_tokens"),
+                                         ({"top_p": "0.9"}, "top_p")])
+def test_generate_rejects_bad_sampling_arguments(kwargs, name):
+    model = tiny("llama")
+    with pytest.raises(ValueError, match=name):
+        generate(model, torch.randint(0, 97, (2, 3)), **{"max_new_tokens": 3, **kwargs})
+
+
+def test_tiny_temperature_is_near_greedy():
+    # logits / 1e-40 overflow float32: sampling must still work (and pick the argmax) instead of crashing.
+    from fastllm.models import sample_next
+
+    logits = torch.tensor([[1.0, 3.0, 2.0], [-5.0, -4.0, -4.5]])
+    assert sample_next(logits, temperature=1e-40, top_p=0.9).tolist() == [1, 1]
+    assert sample_next(logits, temperature=1e-40).tolist() == [1, 1]
+
+
 def test_top_k_and_top_p_support():
     from fastllm.models import sample_next
 

@@ -81,6 +81,18 @@ def test_rope_scaling():
         RotaryEmbedding(64, scaling={"rope_type": "yarn", "factor": 8.0})
 
 
+@pytest.mark.parametrize("key,value", [("factor", "8"), ("factor", float("nan")), ("low_freq_factor", 0.0),
+                                       ("high_freq_factor", -4.0), ("original_max_position_embeddings", 0),
+                                       ("high_freq_factor", 1.0), ("low_freq_factor", True)])
+def test_rope_scaling_rejects_bad_values_naming_the_key(key, value):
+    # A bad value fails when the config is built, naming its key, not as a TypeError or a
+    # ZeroDivisionError in the first forward (nor as silently wrong frequencies).
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 256, key: value}
+    with pytest.raises(ValueError, match=key):
+        RotaryEmbedding(64, scaling=scaling)
+
+
 @pytest.mark.parametrize("n_heads,n_kv_heads", [(4, 4), (4, 2), (6, 1)])
 def test_sdpa_causal_gqa_and_documents(n_heads, n_kv_heads):
     sdpa = get_attention("sdpa")

@@ -141,6 +141,31 @@ def test_learned_qk_drop_keeps_its_rate_and_learns():
         torch.testing.assert_close(out, qk_sparse_attention_reference(q, k, v, q_keep, k_keep))
 
 
+def test_learned_qk_drop_stays_finite_for_far_dropped_tokens():
+    # A token scored far below the threshold is dropped: its output is 0 and nothing becomes NaN
+    # (sigmoid(score) underflowing to 0 must not turn the straight-through factor into 0 / 0).
+    torch.manual_seed(0)
+    layer = QKDropAttention(2, 16, drop_rate=0.3, learned=True)
+    q, k, v = [torch.randn(1, 2, 10, 16, requires_grad=True) for _ in range(3)]
+    with torch.no_grad():
+        q[0, 0, 4] = -1000 * layer.q_gate[0]
+        k[0, 1, 2] = -1000 * layer.k_gate[1]
+    out = layer(q, k, v)
+    assert torch.isfinite(out).all() and (out[0, 0, 4] == 0).all()
+    out.square().sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v, *layer.parameters()))
+
+
+@pytest.mark.parametrize("doc", [-1, -2, 5])
+def test_qk_drop_with_any_document_ids(doc):
+    # Document ids are any integers: a dropped query stays dropped whatever its document's number.
+    q, k, v = _qkv(B=1, H=2, T=12)
+    q_keep, k_keep = torch.rand(1, 2, 12) < 0.6, torch.rand(1, 2, 12) < 0.6
+    doc_ids = torch.full((1, 12), doc)
+    torch.testing.assert_close(qk_drop(q, k, v, q_keep, k_keep, doc_ids=doc_ids),
+                               qk_sparse_attention_reference(q, k, v, q_keep, k_keep))
+
+
 def test_non_causal_is_an_error():
     q, k, v = _qkv()
     with pytest.raises(ValueError, match="causal"):
