@@ -44,9 +44,11 @@ def beta3_schedule(step: int, beta_start: float, beta_end: float, t_beta3: int |
     """beta3_t, linear in f(beta) = ln(0.5) / ln(beta) - 1 (the EMA's half-life) from beta_start to beta_end."""
     if t_beta3 is None:
         return beta_end
-    if beta_start == beta_end:
+    if beta_start >= beta_end:  # the paper's min(., beta_end) clamps every step to beta_end
         return beta_end
     fraction = min(step / t_beta3, 1.0)
+    if beta_start == 0.0:  # f(0) = -1, the limit ln(beta_start) -> -inf: ln(beta3_t) = ln(beta_end) / fraction
+        return beta_end ** (1.0 / fraction) if fraction > 0 else 0.0
     log_start, log_end = math.log(beta_start), math.log(beta_end)
     # Interpolating f linearly is interpolating 1 / ln(beta) linearly.
     return min(math.exp(log_start * log_end / ((1 - fraction) * log_end + fraction * log_start)), beta_end)

@@ -90,7 +90,8 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if hasattr(model, "no_weight_decay"):
         excluded = set(model.no_weight_decay())
-        unknown = excluded - {n for n, _ in named}
+        # Checked against every parameter: the models name frozen vectors too, which are left out below.
+        unknown = excluded - {n for n, _ in model.named_parameters()}
         if unknown:
             raise ValueError(f"no_weight_decay() names parameters the model does not have: {sorted(unknown)}")
     else:

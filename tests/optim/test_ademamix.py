@@ -64,6 +64,21 @@ def test_schedules():
     assert f(beta3_schedule(25, 0.9, 0.9999, 100)) == pytest.approx(0.75 * f(0.9) + 0.25 * f(0.9999))
 
 
+def test_beta1_zero_with_beta3_warmup():
+    # betas accepts beta1 = 0 (no fast EMA); f(0) = ln 0.5 / ln 0 - 1 = -1 is the limit, not a math error.
+    f = lambda b: math.log(0.5) / math.log(b) - 1 if b > 0 else -1.0  # noqa: E731
+    assert beta3_schedule(0, 0.0, 0.999, 100) == 0.0
+    assert f(beta3_schedule(25, 0.0, 0.999, 100)) == pytest.approx(0.75 * f(0.0) + 0.25 * f(0.999))
+    assert beta3_schedule(100, 0.0, 0.999, 100) == pytest.approx(0.999)
+    assert beta3_schedule(5, 0.9, 0.0, 100) == 0.0  # beta3 below beta1: the clamp to beta3, as for 0.5
+    p = torch.randn(6, requires_grad=True)
+    p.grad = torch.randn(6)
+    optimizer = AdEMAMix([p], betas=(0.0, 0.999, 0.999), t_alpha=10, t_beta3=10)
+    for _ in range(3):
+        optimizer.step()
+    assert torch.isfinite(p).all()
+
+
 @pytest.mark.parametrize("fused", [True, False])
 def test_matches_paper_for_120_steps(fused):
     params = make_params()

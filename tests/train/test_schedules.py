@@ -101,6 +101,18 @@ def test_weight_decay_groups_follow_no_weight_decay():
     assert isinstance(opt, torch.optim.AdamW) and opt.param_groups[0]["betas"] == (0.9, 0.999)
 
 
+def test_frozen_parameters_named_by_no_weight_decay_are_left_out():
+    # The models' no_weight_decay() lists every vector, frozen ones included; freezing one must not
+    # read as a typo, and frozen parameters stay out of every group.
+    model = _Tiny()
+    model.gain.requires_grad_(False)
+    groups = parameter_groups(model, 0.1)
+    assert groups[0]["params"] == [model.proj.weight]
+    assert [id(p) for p in groups[1]["params"]] == [id(model.proj.bias)]
+    with pytest.raises(ValueError, match="does not have"):
+        parameter_groups(type("Typo", (_Tiny,), {"no_weight_decay": lambda self: {"gian"}})(), 0.1)
+
+
 def test_unknown_optimizer_and_bad_betas():
     with pytest.raises(ValueError, match="optimizer must be one of"):
         build_optimizer("sgd", _Tiny(), lr=1e-3)
