@@ -134,6 +134,7 @@ def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 
 def conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu: bool) -> torch.Tensor:
     """The convolution of x (B, D, L) with weight (D, WIDTH) and bias (D,) or None; out contiguous."""
+    bias = None if bias is None else bias.contiguous()  # the kernels read it with unit stride
     out = _empty(x.shape, x.dtype, x.device)
     if out.numel() == 0:
         return out
@@ -150,6 +151,7 @@ def conv_backward(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bia
     """(dx contiguous, dweight float32 (D, WIDTH), dbias float32 (D,))."""
     B, D, L = x.shape
     width = weight.shape[1]
+    bias = None if bias is None else bias.contiguous()  # the kernels read it with unit stride
     dx = _empty(x.shape, x.dtype, x.device)
     grid = (triton.cdiv(L, BLOCK_L), triton.cdiv(D, BLOCK_D), B)
     # Every row is written by a launch; without one (no elements) the sums over zero rows are 0.

@@ -41,7 +41,8 @@ def _cross_entropy_rows_kernel(LOGITS, LABELS, LOSS, SCALE, V, stride_row, ignor
         s = s * tl.exp(m - m_sub) + tl.exp(x - m_sub)
         m = m_new
     row_max = tl.max(m, 0)
-    lse = row_max + tl.log(tl.sum(s * tl.exp(m - row_max), 0))
+    log_sum = tl.log(tl.sum(s * tl.exp(m - row_max), 0))
+    lse = row_max + log_sum
     picked = tl.load(LOGITS + label, mask=(~ignored) & (~bad), other=0.0).to(tl.float32)
     loss = tl.where(ignored, 0.0, lse - picked)
     tl.store(LOSS + row, tl.where(bad, float("nan"), loss))
@@ -52,7 +53,9 @@ def _cross_entropy_rows_kernel(LOGITS, LABELS, LOSS, SCALE, V, stride_row, ignor
         for start in range(0, V, BLOCK):
             cols = start + offs
             x = tl.load(LOGITS + cols, mask=cols < V, other=0.0).to(tl.float32)
-            grad = (tl.exp(x - lse) - tl.where(cols == label, 1.0, 0.0)) * scale
+            # x - row_max, not x - lse: lse's rounding (half an ulp of the row maximum) would reach
+            # every probability, where x - row_max is exact near the maximum (as in torch's softmax).
+            grad = (tl.exp((x - row_max) - log_sum) - tl.where(cols == label, 1.0, 0.0)) * scale
             tl.store(LOGITS + cols, grad.to(LOGITS.dtype.element_ty), mask=cols < V)
 
 

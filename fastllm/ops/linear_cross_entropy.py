@@ -61,7 +61,7 @@ def _cross_entropy_rows_torch(logits, labels, loss, scale, ignore_index: int, co
     safe = torch.where(ignored, 0, labels).long()[:, None]
     loss.copy_(torch.where(ignored, 0.0, lse - x.gather(1, safe)[:, 0]))
     if compute_grad:
-        grad = torch.exp(x - lse[:, None])
+        grad = torch.softmax(x, dim=1)  # not exp(x - lse): lse's rounding would reach every probability
         grad.scatter_add_(1, safe, torch.full_like(safe, -1, dtype=grad.dtype))
         logits.copy_(grad * torch.where(ignored, 0.0, scale)[:, None])
 

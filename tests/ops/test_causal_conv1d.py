@@ -251,3 +251,23 @@ def test_update_checks_conv_state():
     state = torch.zeros(2, 6, 4, dtype=torch.float16)
     y = causal_conv1d_update(x, state, weight, bias)
     torch.testing.assert_close(y, (state.float() * weight).sum(-1) + bias)
+
+
+@needs_triton
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_strided_bias(poisoned, activation):
+    """A bias that is a strided view (one column of a packed parameter): the kernels used to read it as
+    contiguous, taking the neighbouring column's values."""
+    x64 = torch.randn(2, 9, 17, dtype=torch.float64, device=DEVICE)
+    w64 = torch.randn(9, 4, dtype=torch.float64, device=DEVICE) * 0.5
+    packed64 = torch.randn(9, 2, dtype=torch.float64, device=DEVICE)
+    leaves = [t.float().requires_grad_() for t in (x64, w64, packed64)]
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    out = causal_conv1d(leaves[0], leaves[1], leaves[2][:, 0], activation)
+    ref = reference(leaves64[0], leaves64[1], leaves64[2][:, 0], activation)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    dout = torch.randn_like(ref)
+    out.backward(dout.float())
+    ref.backward(dout)
+    for t, t64 in zip(leaves, leaves64):
+        torch.testing.assert_close(t.grad.double(), t64.grad, rtol=1e-5, atol=1e-5)

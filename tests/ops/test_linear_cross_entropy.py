@@ -192,3 +192,29 @@ def test_integer_arguments_are_not_truncated():
             linear_cross_entropy(h, w, labels, chunk_rows=chunk_rows)
     torch.testing.assert_close(linear_cross_entropy(h, w, labels, ignore_index=torch.tensor(1), chunk_rows=4),
                                linear_cross_entropy_reference(h, w, labels, ignore_index=1))
+
+
+@pytest.mark.parametrize("row_path", ["kernel", "torch"])
+@pytest.mark.parametrize("magnitude", [10.0, 100.0])
+def test_row_gradient_accuracy_with_large_logits(row_path, magnitude):
+    """The rows' gradient against torch's float32 cross-entropy on the same logits. softmax as
+    exp(x - lse) used to carry lse's rounding (half an ulp of the row maximum) into every probability:
+    6x torch's error at logits ~10, 140x at ~100."""
+    kernels = pytest.importorskip("fastllm.triton_kernels.cross_entropy")
+    n, v = 24, 200
+    logits = torch.randn(n, v, device=DEVICE) * magnitude
+    labels = torch.randint(0, v, (n,), device=DEVICE)
+    labels[::3] = logits.argmax(1)[::3]  # some rows' losses near 0
+    labels[1] = -100
+    logits64 = logits.double().requires_grad_()
+    base = logits.clone().requires_grad_()
+    ref_loss = torch.nn.functional.cross_entropy(logits64, labels, reduction="none")
+    base_loss = torch.nn.functional.cross_entropy(base, labels, reduction="none")
+    ref_loss.sum().backward()
+    base_loss.sum().backward()
+    grad = logits.clone()
+    loss = poison_(torch.empty(n, device=DEVICE))
+    rows = kernels.cross_entropy_rows_ if row_path == "kernel" else lce._cross_entropy_rows_torch
+    rows(grad, labels, loss, torch.ones(1, device=DEVICE), -100, True)
+    assert_error_ratio("loss", loss, ref_loss, base_loss)
+    assert_error_ratio("grad", grad, logits64.grad, base.grad, factor=BACKWARD_FACTOR)

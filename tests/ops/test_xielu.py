@@ -191,3 +191,22 @@ def test_scalar_arguments_must_be_real_numbers(name, value):
     x, alpha_p, alpha_n, _ = make_inputs((8,), torch.float32)
     with pytest.raises(TypeError, match=f"{name} must be a real number"):
         xielu(x, alpha_p, alpha_n, **{name: value})
+
+
+@pytest.mark.parametrize("raw_alphas", [(-10.0, -10.0), (-15.0, 0.3)])
+def test_triton_kernels_negative_raw_parameters(raw_alphas):
+    """Raw parameters far below 0: softplus(a) ~ e^a, which log(1 + e^a) in float32 used to round to a
+    relative error of ~1e-3 (a = -10; 0 below a = -17), hundreds of times the fp32 reference's."""
+    kernels = pytest.importorskip("fastllm.triton_kernels.xielu")
+    x, _, _, grad = make_inputs((3001,), torch.float32, KERNEL_DEVICE)
+    x = x * 50  # large |x|, so alpha_p's error shows in alpha_p x^2
+    alpha_p, alpha_n = (torch.tensor([a], device=KERNEL_DEVICE) for a in raw_alphas)
+    y = kernels.xielu_forward(x, alpha_p, alpha_n, BETA, EPS, out=poison_(torch.empty_like(x)))
+    dx = poison_(torch.empty_like(x))
+    _, d_alpha_p, d_alpha_n = kernels.xielu_backward(grad, x, alpha_p, alpha_n, BETA, EPS, dx=dx)
+    y_ref, grads_ref = oracle(x, alpha_p, alpha_n, grad)
+    y_base, grads_base = baseline(x, alpha_p, alpha_n, grad)
+    assert_error_ratio("y", y, y_ref, y_base)
+    for name, value, ref, base in zip(("dx", "d_alpha_p", "d_alpha_n"), (dx, d_alpha_p, d_alpha_n), grads_ref,
+                                      grads_base):
+        assert_error_ratio(name, value, ref, base, factor=BACKWARD_FACTOR)
