@@ -76,8 +76,10 @@ def test_matches_stacked_reference_forward_and_gradients(dilation, period):
     ref = stacked_reference_forward(model, ids, doc_ids)
     ref.square().mean().backward()
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    # Gradients here are ~1e-3..1e-2 and agree to ~1e-6 relative: looser tolerances let a gradient
+    # routed 0.1% wrong through a DWA pass.
     for name, param in model.named_parameters():
-        torch.testing.assert_close(grads[name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(grads[name], param.grad, rtol=1e-5, atol=1e-8, msg=name)
     assert all(grads[f"dwa.weights.{i}"].abs().sum() > 0 for i in model.dwa.weights)
 
 

@@ -112,11 +112,17 @@ def test_fixed_shape_cache_needs_dense_attention():
 def test_greedy_generation_matches_full_forward(arch, overrides):
     model = tiny(arch, **overrides)
     prompt = torch.randint(0, 97, (2, 4))
+    # The logits generate() samples from (the prefill's last, then each cached step's). Tokens alone show
+    # little: the tied tiny Llama just repeats the last prompt token, whatever the cache holds.
+    sampled = []
+    handle = model.register_forward_hook(lambda module, args, out: sampled.append(out[:, -1]))
     out = generate(model, prompt, max_new_tokens=7, temperature=0.0)
+    handle.remove()
     assert out.shape == (2, 11) and torch.equal(out[:, :4], prompt)
     # Each generated token is the argmax of a full (cache-free) forward over everything before it.
     logits = model(out)
     torch.testing.assert_close(out[:, 4:], logits[:, 3:-1].argmax(-1), rtol=0, atol=0)
+    torch.testing.assert_close(torch.stack(sampled, dim=1), logits[:, 3:-1], atol=1e-5, rtol=1e-5)
 
 
 GRAPH_MODELS = {

@@ -173,8 +173,10 @@ def test_bf16_states_train():
     run(params, optimizer, 10)
     assert all(s["exp_avg_slow"].dtype == torch.bfloat16 for s in optimizer.state.values())
     expected = paper_ademamix(make_params(), lambda t: grads_at(t, params), 10, **CONFIG)
+    # Params move up to ~0.1 and bf16 states leave them ~6e-4 off; at 2e-2 an update without the slow
+    # EMA (2e-3 off) passed.
     for p, e in zip(params, expected):
-        torch.testing.assert_close(p.detach().double(), e, rtol=0.05, atol=0.02)
+        torch.testing.assert_close(p.detach().double(), e, rtol=1e-3, atol=1e-3)
 
 
 def test_lr_scheduler_drives_lr():

@@ -47,7 +47,7 @@ def test_trains_logs_evaluates_and_checkpoints(tiny_config):
     pytest.param("ademamix", marks=pytest.mark.skipif(
         ademamix_class() is None, reason="fastllm.optim.AdEMAMix is not in this build yet (lead's branch)")),
 ])
-def test_resume_reproduces_the_uninterrupted_run(tiny_config, tmp_path, optimizer):
+def test_resume_reproduces_the_uninterrupted_run(tiny_config, tmp_path, monkeypatch, optimizer):
     cfg = tiny_config(optim__name=optimizer)
     trainer.train(cfg)
     full = losses(cfg.run.out)
@@ -57,8 +57,19 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_config, tmp_path, optimize
     shutil.copytree(cfg.run.out, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step_00000006")
     assert load_state(resumed / "checkpoints" / "step_00000003")["step"] == 3  # weights_only load
+    # A run that ignored the checkpoint and trained steps 1..6 again would give the same losses and
+    # weights (the CPU run is deterministic): count the training forwards.
+    build, trained = trainer.build_model, []
+
+    def build_counting(config):
+        model = build(config)
+        model.register_forward_hook(lambda module, args, out: trained.append(1) if module.training else None)
+        return model
+
+    monkeypatch.setattr(trainer, "build_model", build_counting)
     result = trainer.train(tiny_config(optim__name=optimizer, run__out=resumed))
     assert result["step"] == 6
+    assert len(trained) == 3  # steps 4, 5, 6 (one micro batch each)
     assert losses(resumed) == full  # bit for bit, and the metrics file reads as one run
     for name, tensor in load_model(resumed)[0].state_dict().items():
         assert torch.equal(tensor, full_weights[name]), name
@@ -110,9 +121,14 @@ def test_gradient_accumulation_matches_one_big_batch(tiny_config, tmp_path):
     assert list(a) == list(b) and all(a[s] == pytest.approx(b[s], rel=1e-5) for s in a)
 
 
-def test_activation_checkpointing_gives_the_same_trajectory(tiny_config, tmp_path):
+def test_activation_checkpointing_gives_the_same_trajectory(tiny_config, tmp_path, monkeypatch):
+    # Without checkpointing applied the two runs would be the same run: count the checkpointed calls.
+    real, calls = trainer.checkpoint, []
+    monkeypatch.setattr(trainer, "checkpoint", lambda *args, **kwargs: (calls.append(1), real(*args, **kwargs))[1])
     trainer.train(tiny_config(run__steps=2, run__out=tmp_path / "a"))
+    assert not calls
     trainer.train(tiny_config(run__steps=2, run__activation_checkpointing=True, run__out=tmp_path / "b"))
+    assert calls
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert all(a[s] == pytest.approx(b[s], rel=1e-6) for s in a)
 
