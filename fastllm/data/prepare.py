@@ -14,6 +14,7 @@ second pass over it.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
@@ -122,8 +123,21 @@ def _fingerprint(source, tokenizer_spec, val_fraction, seed, text_field, max_byt
         return None
     if not isinstance(tokenizer_spec, str):
         return None
-    return {"format": FORMAT_VERSION, "source": name, "tokenizer": tokenizer_spec, "val_fraction": val_fraction,
+    return {"format": FORMAT_VERSION, "source": name, "tokenizer": _tokenizer_fingerprint(tokenizer_spec),
+            "val_fraction": val_fraction,
             "seed": seed, "text_field": text_field, "max_bytes": max_bytes, "shard_tokens": shard_tokens}
+
+
+def _tokenizer_fingerprint(spec: str):
+    """A tokenizer name as is; a tokenizer path with the contents of the files ``load_tokenizer`` reads there,
+    so a tokenizer replaced at the same path is not taken for the one the shards were made with."""
+    if spec == "byte" or spec == "bpe" or spec.startswith("bpe:"):
+        return spec
+    path = Path(spec).resolve()
+    directory = path if path.is_dir() else path.parent
+    files = [directory / CONFIG_NAME, directory / "tokenizer.json"] if path.is_dir() else [path]
+    files.append(directory / "tokenizer_config.json")
+    return [str(path)] + [[f.name, hashlib.sha256(f.read_bytes()).hexdigest()] for f in files if f.is_file()]
 
 
 def _resolve_tokenizer(tokenizer, documents, is_val):

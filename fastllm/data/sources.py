@@ -54,7 +54,7 @@ def default_corpus_fingerprint(max_bytes: int | None = DEFAULT_CORPUS_MAX_BYTES)
 
 
 def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
-    opener = gzip.open if path.suffix == ".gz" else open
+    opener = gzip.open if path.suffix.lower() == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():

@@ -63,9 +63,14 @@ class BPETokenizer:
 
     def __init__(self, tokenizer, bos_token: str, eos_token: str):
         self._tok = tokenizer
+        # Documents are plain text: a special token's text in them ("<|eod|>") is encoded as text, never as the
+        # special id (which would put a document boundary inside the document and not round-trip).
+        self._tok.encode_special_tokens = True
         self.bos_token, self.eos_token = bos_token, eos_token
         self.bos_id = self._token_id(bos_token)
         self.eos_id = self._token_id(eos_token)
+        # One more than the largest id (a tokenizer.json's vocabulary may have holes), so every id fits below it.
+        self._vocab_size = max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1
 
     def _token_id(self, token: str) -> int:
         token_id = self._tok.token_to_id(token)
@@ -75,7 +80,7 @@ class BPETokenizer:
 
     @property
     def vocab_size(self) -> int:
-        return self._tok.get_vocab_size(with_added_tokens=True)
+        return self._vocab_size
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids

@@ -123,3 +123,26 @@ def test_edited_source_is_not_reused(tmp_path):
         prepare_dataset(src, tmp_path / "out")
     with pytest.raises(ValueError, match="bpe:VOCAB_SIZE"):
         prepare_dataset(src, tmp_path / "other", "bpe:big")
+
+
+def test_changed_tokenizer_at_the_same_path_is_not_reused(tmp_path):
+    # The tokenizer given by path is part of what the shards depend on: replacing the tokenizer saved at that
+    # path must not silently return shards tokenised with the old one.
+    pytest.importorskip("tokenizers")
+    from fastllm.data import train_bpe
+
+    tok_dir = tmp_path / "tok"
+    train_bpe(DOCS, 270).save(tok_dir)
+    first = prepare_dataset(DOCS, tmp_path / "bpe0", str(tok_dir), val_fraction=0.1)  # in-memory: no reuse
+    src = tmp_path / "docs.jsonl"
+    src.write_text("\n".join(json.dumps({"text": d}) for d in DOCS))
+    out = tmp_path / "out"
+    assert prepare_dataset(src, out, str(tok_dir), val_fraction=0.1)["vocab_size"] == first["vocab_size"]
+    train_bpe(DOCS, 300).save(tok_dir)  # another tokenizer, same path
+    new_vocab = load_tokenizer(tok_dir).vocab_size
+    assert new_vocab != first["vocab_size"]
+    try:
+        meta = prepare_dataset(src, out, str(tok_dir), val_fraction=0.1)
+    except FileExistsError:
+        return  # refusing is fine too; reusing stale shards is not
+    assert meta["vocab_size"] == new_vocab == load_tokenizer(out).vocab_size

@@ -89,3 +89,10 @@ def test_hugging_face_source_string(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     (tmp_path / "part.jsonl").write_text('{"text": "first"}\n{"text": "second"}\n')
     assert list(iter_documents(f"hf:{tmp_path}")) == ["first", "second"]
+
+
+def test_jsonl_gz_suffix_any_case(tmp_path):
+    with gzip.open(tmp_path / "E.JSONL.GZ", "wt") as f:
+        f.write(json.dumps({"text": "upper"}) + "\n")
+    assert list(iter_documents(tmp_path / "E.JSONL.GZ")) == ["upper"]
+    assert list(iter_documents(tmp_path)) == ["upper"]

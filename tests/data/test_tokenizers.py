@@ -67,3 +67,35 @@ def test_bad_tokenizer_inputs(tmp_path):
         load_tokenizer(tmp_path / "broken.json")
     with pytest.raises(ValueError, match="vocab_size"):
         train_bpe(TEXTS, 100)
+
+
+def test_bpe_special_token_text_in_documents_is_plain_text(tmp_path):
+    # A document that merely contains the text "<|eod|>" (or a loaded tokenizer's special tokens) must not
+    # produce the end-of-document id inside the document; it round-trips like any other string.
+    pytest.importorskip("tokenizers")
+    tok = train_bpe(TEXTS, 300)
+    text = "a <|eod|> b<|bod|>c"
+    ids = tok.encode(text)
+    assert tok.bos_id not in ids and tok.eos_id not in ids
+    assert tok.decode(ids) == text
+    batch = tok.encode_batch([text])[0]
+    assert batch.tolist() == ids
+    tok.save(tmp_path)
+    again = load_tokenizer(tmp_path)
+    assert again.encode(text) == ids and again.decode([again.bos_id, *ids, again.eos_id]) == text
+
+
+def test_bpe_vocab_size_covers_every_id(tmp_path):
+    # vocab_size sizes the shard dtype and the model's embedding: it must exceed every id, also when the
+    # vocabulary of a tokenizer.json has holes.
+    pytest.importorskip("tokenizers")
+    tok = train_bpe(TEXTS, 300)
+    tok.save(tmp_path)
+    config = json.loads((tmp_path / "tokenizer.json").read_text())
+    vocab = config["model"]["vocab"]
+    token = max(vocab, key=vocab.get)
+    vocab[token] = 1000  # a hole: ids up to 999 unused
+    (tmp_path / "tokenizer.json").write_text(json.dumps(config))
+    again = load_tokenizer(tmp_path)
+    assert max(again._tok.get_vocab(with_added_tokens=True).values()) == 1000
+    assert again.vocab_size == 1001
