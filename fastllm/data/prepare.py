@@ -194,7 +194,8 @@ def prepare_dataset(source, out_dir: str | os.PathLike, tokenizer="byte", *, val
                                                     for p in out_dir.iterdir())
         if not (overwrite or incomplete):
             raise FileExistsError(f"{out_dir} is not empty and was not prepared with these arguments; "
-                                  "pass overwrite=True (--overwrite) to replace it")
+                                  "pass overwrite=True (fastllm data prepare --overwrite) to replace it, or, "
+                                  "for fastllm train, remove it or give another data.prepared_dir")
         meta_path.unlink(missing_ok=True)  # first, so an interrupted rebuild never looks complete
         for split in SPLITS:
             shutil.rmtree(out_dir / split, ignore_errors=True)
