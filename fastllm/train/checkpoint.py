@@ -105,12 +105,16 @@ def save_checkpoint(out: str | os.PathLike, step: int, *, weights: dict[str, tor
     tokenizer.save(tmp)
     for path in [*tmp.iterdir(), tmp]:  # on disk before it counts as complete and older ones go
         _fsync(path)
-    if final.exists():  # a rerun of the same step (resumed run) replaces it
-        shutil.rmtree(final)
+    replaced = root / f".old-{checkpoint_name(step)}-{os.getpid()}"
+    if final.exists():  # a rerun of the same step (resumed run) replaces it: moved aside, deleted once replaced
+        os.replace(final, replaced)
     os.replace(tmp, final)
     _fsync(root)
     for old in list_checkpoints(out)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+    # What crashed saves left (partial .tmp-* folders, .old-* ones moved aside) once a complete one is in place.
+    for leftover in [*root.glob(".tmp-step_*"), *root.glob(".old-step_*")]:
+        shutil.rmtree(leftover, ignore_errors=True)
     return final
 
 

@@ -230,3 +230,19 @@ def test_gpu_bf16_compiled_run_resumes(tiny_config, tmp_path):
     trainer.train(tiny_config(run__device="cuda", run__compile=True, run__out=tmp_path / "resumed"))
     resumed = losses(tmp_path / "resumed")
     assert all(resumed[s] == pytest.approx(full[s], rel=1e-3) for s in full)
+
+
+def test_checkpoint_save_clears_what_crashed_saves_left(tmp_path):
+    """A save that crashed leaves a partial .tmp-* folder; the next complete save removes it, and a
+    re-save of the same step replaces the old copy only once the new one is in place."""
+    from fastllm.data import ByteTokenizer
+    from fastllm.train import checkpoint as ckpt
+
+    kwargs = dict(model_config={}, train_config={}, state={"step": 0}, tokenizer=ByteTokenizer(), keep=2)
+    ckpt.save_checkpoint(tmp_path, 1, weights={"w": torch.ones(3)}, **kwargs)
+    root = tmp_path / ckpt.CHECKPOINT_DIR
+    (root / ".tmp-step_00000002-99999").mkdir()
+    (root / ".tmp-step_00000002-99999" / "model.safetensors").write_bytes(b"partial")
+    final = ckpt.save_checkpoint(tmp_path, 1, weights={"w": torch.full((3,), 2.0)}, **kwargs)
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000001"]
+    assert torch.equal(ckpt.load_weights(final)["w"], torch.full((3,), 2.0))
