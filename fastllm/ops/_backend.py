@@ -32,8 +32,10 @@ if _backend not in BACKENDS:
 def triton_runs_on(tensor: torch.Tensor, interpret: bool) -> bool:
     """Whether a Triton kernel runs on ``tensor``'s device: CUDA, or the CPU under the interpreter
     (``interpret``). The interpreter runs kernels on real CPU tensors at once, so under tracing (fake
-    or functional tensors: opcheck, torch.compile) the CPU graph gets the torch path instead."""
-    return tensor.device.type == "cuda" or (tensor.device.type == "cpu" and interpret and holds_data(tensor))
+    or functional tensors: opcheck, torch.compile; dynamo tracing the Python around the ops, which
+    cannot trace the interpreter) the CPU graph gets the torch path instead."""
+    return tensor.device.type == "cuda" or (tensor.device.type == "cpu" and interpret and holds_data(tensor)
+                                            and not torch.compiler.is_compiling())
 
 
 def holds_data(tensor: torch.Tensor) -> bool:

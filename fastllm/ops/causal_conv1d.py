@@ -105,7 +105,7 @@ def _backward_cpp(dout, x, weight, bias, silu):
 
 def _preactivation_torch(x, weight, bias):
     width = weight.shape[1]
-    if x.shape[2] == 0:  # torch's convolution refuses an input shorter than its kernel
+    if x.numel() == 0:  # torch's convolution refuses an input shorter than its kernel, and dim = groups = 0
         return x.new_empty(x.shape)
     bias = None if bias is None else bias.to(x.dtype)
     return F.conv1d(F.pad(x, (width - 1, 0)), weight.to(x.dtype).unsqueeze(1), bias, groups=x.shape[1])
@@ -113,7 +113,7 @@ def _preactivation_torch(x, weight, bias):
 
 def _backward_torch(dout, x, weight, bias, silu):
     """(dx, dweight, dbias) in x's dtype from torch's convolution backward."""
-    if x.shape[2] == 0:  # as in _preactivation_torch
+    if x.numel() == 0:  # as in _preactivation_torch; the kernels' layouts (contiguous), nothing to sum
         return x.new_empty(x.shape), x.new_zeros(weight.shape), x.new_zeros(x.shape[1])
     dout = dout.to(x.dtype)
     if silu:  # silu'(a) = s (1 + a (1 - s)), s = sigmoid(a), at the recomputed preactivation

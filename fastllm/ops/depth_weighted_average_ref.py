@@ -30,5 +30,5 @@ def depth_weighted_average_backward_reference(
     k = weights.shape[0]
     g = grad_out.to(compute)
     grad_states = (weights.to(compute).view(k, *([1] * g.dim())) * g).to(states.dtype)
-    grad_weights = states.reshape(k, -1).to(compute) @ g.reshape(-1)
+    grad_weights = states.reshape(k, g.numel()).to(compute) @ g.reshape(-1)  # not (k, -1): k may be 0
     return grad_states, grad_weights.to(weights.dtype)

@@ -64,11 +64,12 @@ def _pack_grads(u, A, B, C, grads):
     du, ddelta, dA, dB, dC, dD, dz, dbias, dinit = grads
     dim = u.shape[1]
     empty = u.new_empty(0)
-    return (du, ddelta, dA, dB, dC,
+    # Contiguous, as the fake says: the reference's elementwise ops may follow a strided input's layout.
+    return (du.contiguous(), ddelta.contiguous(), dA.contiguous(), dB.contiguous(), dC.contiguous(),
             dD if dD is not None else A.new_zeros(dim),
-            dz if dz is not None else empty,
+            dz.contiguous() if dz is not None else empty,
             dbias if dbias is not None else A.new_zeros(dim),
-            dinit)
+            dinit.contiguous())
 
 
 # ---- compiled kernels -------------------------------------------------------------------------------
@@ -185,9 +186,12 @@ def _(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, chu
     batch, dim, _ = u.shape
     like_u = lambda: torch.empty_like(u, memory_format=torch.contiguous_format)  # noqa: E731
     state_dtype = compute_dtype(u, delta, A, B, C, D)
-    return (like_u(), like_u(), torch.empty_like(A), torch.empty_like(B, memory_format=torch.contiguous_format),
-            torch.empty_like(C, memory_format=torch.contiguous_format), A.new_empty(dim),
-            like_u() if z is not None else u.new_empty(0), A.new_empty(dim),
+    # Every gradient contiguous, in its input's dtype (A's for absent D, delta_bias): parameters of
+    # mixed dtypes are allowed and run the reference, which returns each in its own dtype.
+    return (like_u(), like_u(), torch.empty_like(A, memory_format=torch.contiguous_format),
+            torch.empty_like(B, memory_format=torch.contiguous_format),
+            torch.empty_like(C, memory_format=torch.contiguous_format), (A if D is None else D).new_empty(dim),
+            like_u() if z is not None else u.new_empty(0), (A if delta_bias is None else delta_bias).new_empty(dim),
             u.new_empty(batch, dim, A.shape[1], dtype=state_dtype))
 
 

@@ -77,19 +77,22 @@ def _triton_or_warn(x: torch.Tensor) -> bool:
     return False
 
 
+# Every implementation takes x (and grad) contiguous, so every output is contiguous, as the fakes
+# say: elementwise torch ops on a transposed x would give transposed outputs, the kernels contiguous ones.
 @torch.library.custom_op("fastllm::xielu", mutates_args=())
 def _xielu(x: torch.Tensor, alpha_p: torch.Tensor, alpha_n: torch.Tensor, beta: float, eps: float) -> torch.Tensor:
     # Devices without a kernel run the reference.
-    return xielu_reference(x, alpha_p, alpha_n, beta, eps)
+    return xielu_reference(x.contiguous(), alpha_p, alpha_n, beta, eps)
 
 
 @_xielu.register_fake
 def _(x, alpha_p, alpha_n, beta, eps):
-    return torch.empty_like(x)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 @_xielu.register_kernel("cpu")
 def _(x, alpha_p, alpha_n, beta, eps):
+    x = x.contiguous()
     if _use_reference(x):
         return xielu_reference(x, alpha_p, alpha_n, beta, eps)
     if has_cpp_kernels() and x.dtype in CPP_DTYPES:
@@ -99,6 +102,7 @@ def _(x, alpha_p, alpha_n, beta, eps):
 
 @_xielu.register_kernel("cuda")
 def _(x, alpha_p, alpha_n, beta, eps):
+    x = x.contiguous()
     if _use_reference(x):
         return xielu_reference(x, alpha_p, alpha_n, beta, eps)
     if not _triton_or_warn(x):
@@ -111,16 +115,18 @@ def _(x, alpha_p, alpha_n, beta, eps):
 @torch.library.custom_op("fastllm::xielu_backward", mutates_args=())
 def _xielu_backward(grad: torch.Tensor, x: torch.Tensor, alpha_p: torch.Tensor, alpha_n: torch.Tensor, beta: float,
                     eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return xielu_backward_reference(grad, x, alpha_p, alpha_n, beta, eps)
+    return xielu_backward_reference(grad.contiguous(), x.contiguous(), alpha_p, alpha_n, beta, eps)
 
 
 @_xielu_backward.register_fake
 def _(grad, x, alpha_p, alpha_n, beta, eps):
-    return torch.empty_like(x), torch.empty_like(alpha_p), torch.empty_like(alpha_n)
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    return dx, torch.empty_like(alpha_p), torch.empty_like(alpha_n)
 
 
 @_xielu_backward.register_kernel("cpu")
 def _(grad, x, alpha_p, alpha_n, beta, eps):
+    grad, x = grad.contiguous(), x.contiguous()
     if _use_reference(x):
         return xielu_backward_reference(grad, x, alpha_p, alpha_n, beta, eps)
     if has_cpp_kernels() and x.dtype in CPP_DTYPES:
@@ -130,6 +136,7 @@ def _(grad, x, alpha_p, alpha_n, beta, eps):
 
 @_xielu_backward.register_kernel("cuda")
 def _(grad, x, alpha_p, alpha_n, beta, eps):
+    grad, x = grad.contiguous(), x.contiguous()
     if _use_reference(x):
         return xielu_backward_reference(grad, x, alpha_p, alpha_n, beta, eps)
     if not _triton_or_warn(x):

@@ -149,6 +149,30 @@ def test_empty_sequence(path, monkeypatch):
     assert (weight.grad == 0).all() and (bias.grad == 0).all()
 
 
+@pytest.mark.parametrize("path", ["kernels", "cpp", "torch"])
+@pytest.mark.parametrize("shape", [(0, 3, 5), (2, 0, 5)], ids=["no-batch", "no-channels"])
+def test_empty_batch_or_channels(path, shape, monkeypatch):
+    """Other empty inputs than L = 0, eagerly on every path and under tracing (torch's grouped
+    convolution refuses groups = dim = 0), the weight strided (the fake's dweight strides)."""
+    if path == "cpp":
+        _skip_unless_cpp_takes_device_tensors()
+        monkeypatch.setattr(conv, "TRITON_ON_CPU", False)
+    if path == "torch":
+        monkeypatch.setattr(conv, "_path", lambda x: "torch")
+    x = torch.randn(shape, device=DEVICE, requires_grad=True)
+    weight = torch.randn(4, shape[1], device=DEVICE).t().requires_grad_()
+    bias = torch.randn(shape[1], device=DEVICE, requires_grad=True)
+    y = causal_conv1d(x, weight, bias, "silu")
+    assert y.shape == shape
+    y.sum().backward()
+    assert (weight.grad == 0).all() and (bias.grad == 0).all()
+    torch.library.opcheck(conv._forward, (x.detach(), weight.detach(), bias.detach(), True),
+                          test_utils=("test_faketensor",))
+    dout = torch.randn(shape, device=DEVICE)
+    torch.library.opcheck(conv._backward, (dout, x.detach(), weight.detach(), bias.detach(), True),
+                          test_utils=("test_faketensor",))
+
+
 @pytest.mark.parametrize("path", ["torch", "cpp"])
 def test_paths_match_triton_path(path, monkeypatch):
     if conv._kernels is None:

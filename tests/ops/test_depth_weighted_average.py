@@ -102,6 +102,18 @@ def test_no_states_gives_zeros():
     assert grad_states.shape == (0, 2, 5) and grad_weights.shape == (0,)
 
 
+@pytest.mark.parametrize("states_dtype,weights_dtype", [(torch.float64, torch.float64), (torch.float32, torch.float64)])
+def test_no_states_backward_on_the_reference_path(states_dtype, weights_dtype):
+    """K = 0 where the reference runs (float64 states or weights): empty gradients, through autograd too."""
+    states = torch.randn(3, 2, 5, dtype=states_dtype, requires_grad=True)
+    weights = torch.empty(0, dtype=weights_dtype, requires_grad=True)
+    grad_states, grad_weights = depth_weighted_average_backward(torch.randn(2, 5, dtype=states_dtype), states.detach(),
+                                                                weights.detach())
+    assert grad_states.shape == (0, 2, 5) and grad_weights.shape == (0,)
+    depth_weighted_average(states, weights).sum().backward()
+    assert torch.equal(states.grad, torch.zeros_like(states)) and weights.grad.shape == (0,)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_cpu_kernel_writes_every_output(dtype):
     """Calls the compiled kernels on NaN-poisoned outputs: every element must be written."""

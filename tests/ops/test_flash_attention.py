@@ -299,6 +299,23 @@ def test_compile_fullgraph():
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
 
 
+def test_qk_sparse_compile_fullgraph():
+    """The frame builder runs outside the custom ops, in the Python that dynamo traces: it must not
+    call the Triton launch that the interpreter runs on CPU tensors (dynamo cannot trace it)."""
+    shape = (1, 2, 9, 16)
+    q, k, v = [t.float().requires_grad_() for t in _inputs(shape, torch.float32)]
+    q_keep, k_keep = (torch.rand(shape[:3], device=DEVICE) > 0.3 for _ in range(2))
+
+    def loss(q, k, v):
+        return qk_sparse_attention(q, k, v, q_keep, k_keep).square().sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="inductor" if not ON_CPU else "aot_eager")
+    got = torch.autograd.grad(compiled(q, k, v), (q, k, v))
+    want = torch.autograd.grad(loss(q, k, v), (q, k, v))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+
+
 def test_bad_inputs_name_the_argument():
     q, k, v = [t.float() for t in _inputs((1, 2, 8, 16), torch.float32, device="cpu")]
     keep = torch.ones(1, 2, 8, dtype=torch.bool)

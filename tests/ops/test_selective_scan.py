@@ -162,6 +162,29 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.fastllm.selective_scan_fwd.default, (*args, softplus))
 
 
+@pytest.mark.parametrize("change", ["A_transposed", "D_float64", "delta_bias_float64", "A_float64",
+                                    "strided_float64"])
+def test_backward_fake_matches_real(change):
+    """The backward op's fake gives each gradient the real one's dtype and strides: parameters of
+    mixed dtypes (each runs the reference, gradients in its own dtype) and strided inputs.
+    Under inductor a wrong dtype silently reinterprets dD's bytes, a wrong stride fails an assert."""
+    inputs, softplus = make_inputs(2, 4, 7, 3, groups=2)
+    if change == "A_transposed":
+        inputs["A"] = inputs["A"].t().contiguous().t()
+    elif change == "strided_float64":
+        inputs = {k: v.double() for k, v in inputs.items()}
+        inputs = {k: v.transpose(-1, -2).contiguous().transpose(-1, -2) if v.dim() >= 2 else v
+                  for k, v in inputs.items()}
+    else:
+        name = change.removesuffix("_float64")
+        inputs[name] = inputs[name].double()
+    args = [inputs[k] for k in NAMES]
+    out, chunk_states = torch.ops.fastllm.selective_scan_fwd(*args, softplus)
+    dout, dlast = torch.randn_like(out), torch.randn_like(chunk_states[:, :, -1])
+    torch.library.opcheck(torch.ops.fastllm.selective_scan_bwd.default,
+                          (dout, dlast, *args, chunk_states, softplus), test_utils=("test_faketensor",))
+
+
 def test_torch_compile_fullgraph():
     inputs, softplus = make_inputs(2, 4, 50, 8)
 

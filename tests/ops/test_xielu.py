@@ -111,6 +111,18 @@ def test_opcheck():
                                                                         alpha_n.detach(), BETA, EPS))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_fake_matches_real_layout_for_transposed_input(dtype):
+    """A dense but transposed x: the fake implementations must give the real outputs' strides
+    (inductor asserts them, or reads the outputs with the fake's strides)."""
+    x, alpha_p, alpha_n, grad = make_inputs((7, 5), dtype)
+    x = x.t().contiguous().t()
+    fake_only = ("test_faketensor",)
+    torch.library.opcheck(torch.ops.fastllm.xielu.default, (x, alpha_p, alpha_n, BETA, EPS), test_utils=fake_only)
+    torch.library.opcheck(torch.ops.fastllm.xielu_backward.default, (grad, x, alpha_p, alpha_n, BETA, EPS),
+                          test_utils=fake_only)
+
+
 def test_compile_fullgraph():
     x, alpha_p, alpha_n, grad = make_inputs((5, 37), torch.float32)
 
