@@ -17,7 +17,7 @@ AVERAGE_DOCUMENT = 300
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("impl", ["fastllm-flex", "fastllm-sdpa", "torch-sdpa-causal-nomask"])
-def test_document_masked_attention(timer, impl):
+def test_document_masked_attention_cuda(timer, impl):
     device = "cuda"
     q = torch.randn(B, H, T, D, device=device, dtype=torch.bfloat16, requires_grad=True)
     k = torch.randn(B, H_KV, T, D, device=device, dtype=torch.bfloat16, requires_grad=True)

@@ -5,7 +5,7 @@
 # only; benchmark tables are written as each benchmark finishes.
 #
 #   bash benchmarks/gpu_check.sh                           # all parts but profile
-#   PARTS="build tests ops" bash benchmarks/gpu_check.sh    # a subset (build is needed once per machine)
+#   PARTS="build tests ops" bash benchmarks/gpu_check.sh    # a subset (the build is added when missing)
 #   LOGS=dir                        # logs and JSON tables (default /tmp/fastllm-gpu-check)
 #   TESTS="tests/ops/test_x.py"     # what the tests part runs (default: the GPU-relevant suites)
 #   BENCH_K="cuda and not compiled" # which op benchmarks run (pytest -k; default: cuda)
@@ -14,11 +14,12 @@
 #   NCU="mamba:scan_forward_kernel"  # the ncu part's kernels, as profile_gpu.py part:kernel name
 #
 # Parts: build, tests (ops, layers and models whole, gpu-marked tests elsewhere), ops (AdEMAMix,
-# xIELU, selective scan, depth-weighted average, linear cross-entropy), attention (dense and sparse
-# flash attention), train (124M training step, Mamba vs Transformer generation), lm
-# (benchmarks/sparse_lm.py: sparse-attention LMs beside a dense one at T = 2048), smoke (the main job
-# on the GPU), profile (benchmarks/profile_gpu.py: top CUDA kernels of the training step and the
-# sparse attentions), ncu (Nsight Compute on single kernels: throughput, occupancy, stall reasons).
+# xIELU, selective scan, depth-weighted average, linear cross-entropy, document-masked attention),
+# attention (dense and sparse flash attention), train (124M training step, Mamba vs Transformer
+# generation), lm (benchmarks/sparse_lm.py: sparse-attention LMs beside a dense one at T = 2048),
+# smoke (the main job on the GPU), profile (benchmarks/profile_gpu.py: top CUDA kernels of the
+# training step and the sparse attentions), ncu (Nsight Compute on single kernels: throughput,
+# occupancy, stall reasons).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -60,6 +61,12 @@ bench() {  # bench NAME SECONDS PYTEST_ARGS...: run benchmarks, print the ratio 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 
+# A later call may land on a fresh machine (an idle one is handed back within a minute): without
+# fastllm's build there, the kernels would silently fall back to the reference paths.
+if ! has build && ! "$PY" -c "import sys, fastllm.triton_kernels, fastllm.ops as o
+sys.exit(o.available()['ops']['selective_scan']['cuda'] != 'cuda')" 2>/dev/null; then
+  echo "fastllm's kernels are not built on this machine: running the build part first"; PARTS="build $PARTS"
+fi
 if has build; then
   FASTLLM_CUDA=1 FASTLLM_CUDA_ARCHS=native "$PY" -m pip install -q --no-build-isolation --no-deps -e . \
     > "$LOGS/build.log" 2>&1 || { tail -40 "$LOGS/build.log"; echo "BUILD FAILED"; exit 1; }
@@ -85,8 +92,9 @@ if has attention; then  # -s and TRITON_PRINT_AUTOTUNING: the log names the conf
   export TRITON_PRINT_AUTOTUNING=1
   bench attention 300 benchmarks/bench_flash_attention.py -s ${ATTN_K:+-k "$ATTN_K"}
   unset TRITON_PRINT_AUTOTUNING
-  grep -A3 --no-group-separator "^Triton autotuning for function" "$LOGS/attention.log" | paste -d' ' - - - - |
-    sed 's/Triton autotuning for function //' | cut -c1-230 | head -40
+  # Not anchored at ^: pytest -q prints a test's progress mark ('.') on the line its output starts on.
+  grep -A3 --no-group-separator "Triton autotuning for function" "$LOGS/attention.log" | paste -d' ' - - - - |
+    sed 's/^.*Triton autotuning for function //' | cut -c1-230 | head -40
 fi
 has train && bench train 240 benchmarks/bench_train.py benchmarks/bench_mamba_generation.py -k cuda
 
@@ -116,6 +124,7 @@ Achieved Occupancy|Theoretical Occupancy|Block Size|Grid Size) |stalled|cycles b
 fi
 
 if has smoke; then  # the main job on the GPU: bf16 autocast, MFU in the log
+  rm -rf /tmp/fastllm-smoke  # a second call would resume the finished run and train nothing
   run_limited "$(limit 120)" "$PY" -m fastllm.cli train --out=/tmp/fastllm-smoke --steps=50 --warmup_steps=5 \
     --eval_interval=25 > "$LOGS/smoke.log" 2>&1 || status=1
   tail -c 600 "$LOGS/smoke.log"; echo
