@@ -283,32 +283,22 @@ def test_opcheck():
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
-def test_compile_fullgraph():
+@pytest.mark.parametrize("sparsity", ["hash", "qk"])
+def test_compile_fullgraph(sparsity):
+    """QK-sparse's frame builder runs outside the custom ops, in the Python that dynamo traces: it must
+    not call the Triton launch that the interpreter runs on CPU tensors (dynamo cannot trace it)."""
     shape = (1, 2, 17, 16)
     q, k, v = [t.float().requires_grad_() for t in _inputs(shape, torch.float32)]
-    buckets = torch.randint(0, 3, shape[:3], device=DEVICE)
+    if sparsity == "hash":
+        buckets = torch.randint(0, 3, shape[:3], device=DEVICE)
+        extra, op = (buckets, buckets), hash_sparse_attention
+    else:
+        extra, op = tuple(torch.rand(shape[:3], device=DEVICE) > 0.3 for _ in range(2)), qk_sparse_attention
 
     def loss(q, k, v):
-        return hash_sparse_attention(q, k, v, buckets, buckets).square().sum()
+        return op(q, k, v, *extra).square().sum()
 
     # Inductor compiles user Triton kernels for GPUs only; on the CPU aot_eager traces the same graph.
-    compiled = torch.compile(loss, fullgraph=True, backend="inductor" if not ON_CPU else "aot_eager")
-    got = torch.autograd.grad(compiled(q, k, v), (q, k, v))
-    want = torch.autograd.grad(loss(q, k, v), (q, k, v))
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
-
-
-def test_qk_sparse_compile_fullgraph():
-    """The frame builder runs outside the custom ops, in the Python that dynamo traces: it must not
-    call the Triton launch that the interpreter runs on CPU tensors (dynamo cannot trace it)."""
-    shape = (1, 2, 9, 16)
-    q, k, v = [t.float().requires_grad_() for t in _inputs(shape, torch.float32)]
-    q_keep, k_keep = (torch.rand(shape[:3], device=DEVICE) > 0.3 for _ in range(2))
-
-    def loss(q, k, v):
-        return qk_sparse_attention(q, k, v, q_keep, k_keep).square().sum()
-
     compiled = torch.compile(loss, fullgraph=True, backend="inductor" if not ON_CPU else "aot_eager")
     got = torch.autograd.grad(compiled(q, k, v), (q, k, v))
     want = torch.autograd.grad(loss(q, k, v), (q, k, v))
