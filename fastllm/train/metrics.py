@@ -17,9 +17,11 @@ import torch
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 
-# Dense bf16 tensor-core peaks (FLOP/s) for MFU, matched against torch.cuda.get_device_name().
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "GH200": 989e12, "B200": 2250e12, "A100": 312e12,
-                   "L40S": 362e12, "A10G": 70e12, "L4": 121e12, "RTX 4090": 165e12}
+# Dense bf16 tensor-core peaks (FLOP/s) for MFU, matched in this order against torch.cuda.get_device_name():
+# the PCIe and NVL H100s before the SXM one, whose name ("H100 80GB HBM3") they share the prefix of.
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200": 989e12, "H100": 989e12, "GH200": 989e12,
+                   "B200": 2250e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12,
+                   "RTX 4090": 165e12}
 
 
 def peak_flops(device: torch.device, override_tflops: float = 0.0) -> float | None:

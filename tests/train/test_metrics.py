@@ -1,8 +1,9 @@
 import sys
 
 import pytest
+import torch
 
-from fastllm.train.metrics import MetricsLogger, plot_losses, read_metrics
+from fastllm.train.metrics import MetricsLogger, peak_flops, plot_losses, read_metrics
 
 
 def _logger(out, resume_step=0, **kwargs):
@@ -60,3 +61,11 @@ def test_plot(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     assert plot_losses(tmp_path).endswith("loss.png")
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("name,tflops", [("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756),
+                                         ("NVIDIA H100 NVL", 835), ("NVIDIA H200", 989), ("Some GPU", None)])
+def test_peak_flops_by_device_name(monkeypatch, name, tflops):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert peak_flops(torch.device("cuda", 0)) == (None if tflops is None else tflops * 1e12)
+    assert peak_flops(torch.device("cpu"), override_tflops=100) == 100e12
