@@ -69,7 +69,7 @@ class TransformerConfig(ModelConfig):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         for name in _FLOAT_FIELDS:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
             setattr(self, name, float(value))
         for name in _BOOL_FIELDS:

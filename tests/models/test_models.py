@@ -244,6 +244,8 @@ def test_arch_defaults():
     ({"arch": "llama", "n_layers": 0}, ValueError, "n_layers must be a positive integer"),
     ({"arch": "llama", "vocab_size": "big"}, ValueError, "vocab_size must be a positive integer"),
     ({"arch": "llama", "norm_eps": -1.0}, ValueError, "norm_eps must be a positive number"),
+    ({"arch": "llama", "rope_theta": float("inf")}, ValueError, "rope_theta must be a positive number"),
+    ({"arch": "llama", "init_std": float("inf")}, ValueError, "init_std must be a positive number"),
     ({"arch": "llama", "tie_embeddings": "yes"}, ValueError, "tie_embeddings must be true or false"),
     ({"arch": "llama", "mlp": "relu"}, ValueError, "mlp must be one of"),
     ({"arch": "llama", "head_dim": 7}, ValueError, "head_dim must be even"),
