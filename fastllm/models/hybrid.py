@@ -74,7 +74,7 @@ class HybridConfig(ModelConfig):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         for name in ("norm_eps", "rope_theta", "init_std"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
             setattr(self, name, float(value))
         if not isinstance(self.tie_embeddings, bool):

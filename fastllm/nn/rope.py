@@ -36,8 +36,8 @@ def check_rope_scaling(scaling: dict | None) -> None:
         raise ValueError(f"rope_scaling of type {kind!r} needs the keys {sorted(missing)}")
     for key in sorted(SCALING_KEYS[kind]):
         value = scaling[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise ValueError(f"rope_scaling[{key!r}] must be a positive number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise ValueError(f"rope_scaling[{key!r}] must be a positive finite number, got {value!r}")
     if not scaling["factor"] >= 1.0:
         raise ValueError(f"rope_scaling['factor'] must be >= 1, got {scaling['factor']}")
     if kind == "llama3" and not scaling["high_freq_factor"] > scaling["low_freq_factor"]:

@@ -46,7 +46,8 @@ def test_layers_and_interface():
 
 
 @pytest.mark.parametrize("bad,key", [({"norm_eps": -1.0}, "norm_eps"), ({"rope_theta": 0.0}, "rope_theta"),
-                                     ({"init_std": "big"}, "init_std"), ({"tie_embeddings": "yes"}, "tie_embeddings"),
+                                     ({"init_std": float("inf")}, "init_std"), ({"init_std": "big"}, "init_std"),
+                                     ({"tie_embeddings": "yes"}, "tie_embeddings"),
                                      ({"attention": "flash9"}, "attention"),
                                      ({"attention_layers": 1}, "attention_layers"),
                                      ({"dim": 100, "n_heads": 6}, "n_heads")])

@@ -83,7 +83,7 @@ def test_rope_scaling():
 
 @pytest.mark.parametrize("key,value", [("factor", "8"), ("factor", float("nan")), ("low_freq_factor", 0.0),
                                        ("high_freq_factor", -4.0), ("original_max_position_embeddings", 0),
-                                       ("high_freq_factor", 1.0), ("low_freq_factor", True)])
+                                       ("high_freq_factor", 1.0), ("low_freq_factor", True), ("factor", float("inf"))])
 def test_rope_scaling_rejects_bad_values_naming_the_key(key, value):
     # A bad value fails when the config is built, naming its key, not as a TypeError or a
     # ZeroDivisionError in the first forward (nor as silently wrong frequencies).
