@@ -68,17 +68,7 @@ class HybridConfig(ModelConfig):
             self.hidden_dim = 256 * math.ceil(8 * self.dim / 3 / 256)
         if self.dt_rank is None and isinstance(self.dim, int):
             self.dt_rank = math.ceil(self.dim / 16)
-        for name in _INT_FIELDS:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("norm_eps", "rope_theta", "init_std"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-                raise ValueError(f"{name} must be a positive number, got {value!r}")
-            setattr(self, name, float(value))
-        if not isinstance(self.tie_embeddings, bool):
-            raise ValueError(f"tie_embeddings must be true or false, got {self.tie_embeddings!r}")
+        self.check_fields(ints=_INT_FIELDS, floats=("norm_eps", "rope_theta", "init_std"), bools=("tie_embeddings",))
         if not isinstance(self.attention, str):
             raise ValueError(f"attention must be the name of a registered attention, got {self.attention!r}")
         get_attention(self.attention)  # raises, listing the registered names, for an unknown one

@@ -44,17 +44,9 @@ class MambaConfig(ModelConfig):
             raise ValueError(f"MambaConfig is arch {self.ARCH!r}, got arch={self.arch!r}")
         if self.dt_rank is None and isinstance(self.dim, int):
             self.dt_rank = math.ceil(self.dim / 16)
-        for name in _INT_FIELDS:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        self.check_fields(ints=_INT_FIELDS, floats=("norm_eps", "init_std"), bools=("tie_embeddings",))
         if self.d_state > 256:
             raise ValueError(f"d_state must be at most 256, got {self.d_state}")
-        for name in ("norm_eps", "init_std"):
-            if not isinstance(getattr(self, name), (int, float)) or not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be a positive number, got {getattr(self, name)!r}")
-        if not isinstance(self.tie_embeddings, bool):
-            raise ValueError(f"tie_embeddings must be true or false, got {self.tie_embeddings!r}")
 
     @property
     def d_inner(self) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import ClassVar
 
 from torch import nn
@@ -27,6 +28,23 @@ class ModelConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+    def check_fields(self, *, ints=(), floats=(), bools=()) -> None:
+        """Raises ValueError naming the field unless each of ``ints`` is a positive integer, each of
+        ``floats`` a positive finite number (stored as float) and each of ``bools`` true or false."""
+        for name in ints:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in floats:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+            setattr(self, name, float(value))
+        for name in bools:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+
 
 _MODELS: dict[str, tuple[type, type]] = {}
 
